@@ -3,6 +3,7 @@
     python bench/train_throughput.py                        # CPU: `demo` model; GPU: rodin-1b, context 2048, bf16
     python bench/train_throughput.py --memory_cap_gib=24    # GPU: as if the card had 24 GiB (RTX 3090)
     python bench/train_throughput.py --compile=both         # torch.compile both (or --compile=rodin: ours only)
+    python bench/train_throughput.py --clock=cpu --threads=1 --profile   # CPU: where the step goes, the ratio's ceiling
 
 Frozen decisions:
 - Both models get the same shape, batch, autocast dtype, fp32 cross-entropy and AdamW, and go
@@ -13,6 +14,9 @@ Frozen decisions:
   rodin.device.peak_flops (GPU only), with the FLOPs of LLaMA.flops_per_token.
 - On a CPU shared with other jobs, wall-clock time swings 3x from repeat to repeat: --clock=cpu
   --threads=1 times the process's own CPU seconds instead, which stays within a few percent.
+- --profile (CPU): the shares of each step spent in matmuls and in the attention kernel, both of
+  which the two models share, and ratio_ceiling, the ratio ours would reach if every other op of
+  ours cost nothing: the most any rewrite of the model could gain without other kernels or dtype.
 """
 
 import argparse
@@ -62,6 +66,9 @@ def build(name, cfg, device, attn_implementation, compile_model):
     return (torch.compile(model) if compile_model else model), optimizer
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+
+
 class Contender:
     """One model and its optimizer, timed over `steps` training steps at a time."""
 
@@ -108,6 +115,18 @@ class Contender:
             self.oom = True
             self.teardown()
 
+    def kernel_shares(self):
+        """(matmul, attention) shares of this contender's CPU time over `steps` profiled steps."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            self.run(self.args.steps)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS)
+        attention = sum(e.self_cpu_time_total for e in events if "scaled_dot_product" in e.key)
+        return matmul / total, attention / total
+
     def median(self):
         return statistics.median(self.tokens_per_s) if self.tokens_per_s else None
 
@@ -127,6 +146,7 @@ def parse_args(argv):
     parser.add_argument("--memory_cap_gib", type=float, default=0, help="GPU: cap this process's memory")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="cpu: CPU seconds of this process (CPU only)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
+    parser.add_argument("--profile", action="store_true", help="CPU: matmul and attention shares of the step, and the ratio's ceiling")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--quick", action="store_true", help="the `test` model, a few tiny steps (for the test suite)")
     parser.add_argument("--results", default=None, help="append the figures here instead of bench/RESULTS.md")
@@ -134,6 +154,8 @@ def parse_args(argv):
     gpu = pick_device(args.device).type == "cuda"
     if gpu and args.clock == "cpu":
         parser.error("--clock=cpu measures CPU work: use it with --device=cpu")
+    if gpu and args.profile:
+        parser.error("--profile measures CPU kernels: use it with --device=cpu")
     if args.quick:
         defaults = dict(model="test", seq_len=32, batch=2, steps=2, repeats=2, warmup=1)
     else:
@@ -186,6 +208,11 @@ def main(argv=None):
             figures[f"{c.name}_peak_gib"] = c.peak_mem_gib
     if not ours.oom and not theirs.oom:
         figures["ratio"] = ours.median() / theirs.median()
+    if args.profile:
+        for c in (ours, theirs):
+            figures[f"{c.name}_matmul_share"], figures[f"{c.name}_attention_share"] = c.kernel_shares()
+        # our step with only its matmuls and attention left, against transformers' whole step
+        figures["ratio_ceiling"] = figures["ratio"] / (figures["rodin_matmul_share"] + figures["rodin_attention_share"])
     report("train_throughput", figures, args.results, device)
     return figures
 

@@ -36,6 +36,15 @@ def test_bench_quick_prints_figures_and_appends_a_dated_row(bench, name, expecte
     assert text == line[len(name) + 2 :]
 
 
+def test_throughput_profile_splits_the_step_into_shared_kernels_and_bounds_the_ratio(tmp_path):
+    figures = train_throughput.main(["--quick", "--profile", "--device=cpu", f"--results={tmp_path / 'R.md'}"])
+    for name in ("rodin", "transformers"):
+        matmul, attention = figures[f"{name}_matmul_share"], figures[f"{name}_attention_share"]
+        assert 0 < matmul < 1 and 0 < attention < 1 and matmul + attention < 1
+    # ours with nothing but the kernels both models share: faster than ours as it is
+    assert figures["ratio_ceiling"] > figures["ratio"]
+
+
 def test_cost_of_the_anchor_is_the_anchor():
     # RODIN-1B: 32 B tokens ~ 140 B200-hours ~ 285 EUR, so the default estimate must give it back
     figures = cost.estimate(32e9, "rodin-1b", "B200")
