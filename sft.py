@@ -64,7 +64,7 @@ def main(argv):
     if cfg.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the max_seq_len={cfg.model.max_seq_len} of {source}")
     device = pick_device(cfg.device)
-    amp = autocast(device, cfg.dtype)
+    amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
     torch.manual_seed(cfg.seed)
 
     conversations = shuffled(list(read_conversations(cfg.data, cfg.data_split)), cfg.seed)

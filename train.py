@@ -91,7 +91,7 @@ def train(cfg, device, notifier):
     rank, world = distributed.rank(), distributed.world_size()
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
-    amp = autocast(device, cfg.dtype)
+    amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank; FSDP then keeps each rank's shard
     if cfg.optimizer_in_backward and world > 1:
         raise ValueError("optimizer_in_backward is for a single device; under torchrun FSDP already shards gradients "

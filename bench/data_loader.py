@@ -94,7 +94,8 @@ def main(argv=None):
         step_times = []
         for _ in range(args.steps):
             start = time.perf_counter()
-            train_step(model, optimizer, timed_next, cfg.grad_accum_steps, cfg.grad_clip, device, amp)
+            loss, _ = train_step(model, optimizer, timed_next, cfg.grad_accum_steps, cfg.grad_clip, device, amp)
+            float(loss)  # waits for the device: the step is over
             step_times.append(time.perf_counter() - start)
     finally:
         if scratch:

@@ -26,15 +26,17 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
-def autocast(device, dtype="auto"):
-    """bf16 autocast on CUDA (bf16 needs no GradScaler: it has fp32's exponent range); fp32 on CPU."""
+def autocast(device, dtype="auto", cache=True):
+    """bf16 autocast on CUDA (bf16 needs no GradScaler: it has fp32's exponent range); fp32 on CPU.
+    cache=False: no bf16 copy of every weight kept until the forward ends. With recomputed blocks
+    backward casts them again anyway, and rodin-1b's copies are 2.3 GiB (bench/memory_estimate.py)."""
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"
     if dtype == "fp32":
         return contextlib.nullcontext()
     if dtype != "bf16":
         raise ValueError(f"dtype must be auto, fp32 or bf16, got {dtype!r}")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def peak_flops(device):

@@ -28,20 +28,21 @@ def to_device(batch, device, loss_fn=None):
 
 
 def train_step(model, optimizer, next_batch, grad_accum_steps, grad_clip, device, autocast, loss_fn=None):
-    """Forward/backward grad_accum_steps micro-batches, clip, step. Returns (mean loss, grad norm)."""
-    total = 0.0
+    """Forward/backward grad_accum_steps micro-batches, clip, step. Returns (mean loss, grad norm)
+    as tensors on the device: reading one waits for the GPU, so the loop reads them only to log."""
+    total = torch.zeros((), device=device)
     for _ in range(grad_accum_steps):
         inputs, targets, kwargs = to_device(next_batch(), device, loss_fn)
         with autocast:
             _, loss = model(inputs, targets, **kwargs)
         (loss / grad_accum_steps).backward()
-        total += loss.item()
+        total += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(0.0)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()  # FSDP2: a DTensor of per-shard partial norms
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / grad_accum_steps, float(grad_norm)
+    return total / grad_accum_steps, grad_norm
 
 
 @torch.no_grad()
@@ -133,16 +134,16 @@ def run_steps(cfg, state, *, model, optimizer, next_batch, device, amp, loss_fn,
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule, cfg.decay_steps)
         set_lr(optimizer, lr)
         sequences = sequences_at(step)
-        loss, grad_norm = train_step(model, optimizer, counted_batch, sequences // per_micro_step, cfg.grad_clip,
-                                     device, amp, loss_fn)
+        step_loss, grad_norm = train_step(model, optimizer, counted_batch, sequences // per_micro_step, cfg.grad_clip,
+                                          device, amp, loss_fn)
         step = state["step"] = step + 1
         stopping = distributed.any_rank(bool(stop), device)  # every rank stops at the same step
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            loss = distributed.mean_over_ranks(loss, device)
+            loss = distributed.mean_over_ranks(float(step_loss), device)
             elapsed = time.time() - last_time
             tokens_per_s = (state["tokens_seen"] - last_tokens) / elapsed
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "batch_size": sequences,
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "batch_size": sequences,
                       "tokens_per_s": tokens_per_s, "tokens_seen": state["tokens_seen"],
                       "eta_s": (cfg.max_steps - step) * elapsed / (step - last_step),
                       "peak_mem_gib": peak_memory_gib(device)}

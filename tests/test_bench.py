@@ -2,12 +2,21 @@
 date, machine and commit to the results file (the values themselves are not tested: they are
 measurements, not specifications)."""
 
+import dataclasses
 import re
 
 import pytest
+import torch
 
-from bench import checkpoint_save, cost, data_loader, train_throughput
+from bench import checkpoint_save, cost, data_loader, memory_estimate, train_throughput
 from bench.results import HEADER
+from rodin import activation_checkpoint
+from rodin.config import MODELS, PRESETS
+from rodin.device import autocast
+from rodin.loop import train_step
+from rodin.loss import make_loss_fn
+from rodin.model import LLaMA
+from rodin.optim import make_optimizer
 
 
 def rows(path):
@@ -19,6 +28,7 @@ def rows(path):
     (checkpoint_save, "checkpoint_save", ("save_s", "size_mb", "blocked_steps")),
     (data_loader, "data_loader", ("step_ms", "load_share")),
     (cost, "cost", ("gpu_hours", "cost_eur")),
+    (memory_estimate, "memory_estimate", ("params_gib", "activations_gib", "peak_gib")),
 ])
 def test_bench_quick_prints_figures_and_appends_a_dated_row(bench, name, expected, tmp_path, capsys):
     results = tmp_path / "RESULTS.md"
@@ -52,6 +62,42 @@ def test_cost_of_the_anchor_is_the_anchor():
     # twice the tokens per second on 4 GPUs: half the GPU-hours, an eighth of the wall-clock
     faster = cost.estimate(32e9, "rodin-1b", "B200", tokens_per_s=2 * figures["tok_s_per_gpu"], gpus=4)
     assert faster["gpu_hours"] == pytest.approx(70) and faster["wall_hours"] == pytest.approx(17.5)
+
+
+def test_memory_estimate_counts_fp32_weights_two_adam_moments_and_what_each_saver_removes():
+    cfg = dataclasses.replace(PRESETS["test"], micro_batch_size=8, seq_len=64)
+    n_params = LLaMA(cfg.model).num_params()
+    plain = memory_estimate.estimate(cfg)
+    assert plain["params"] * 2**30 == pytest.approx(4 * n_params, rel=0.01)  # fp32 master weights
+    assert plain["optimizer"] == pytest.approx(2 * plain["params"], rel=0.01)  # AdamW's two moments
+    assert plain["peak"] > plain["params"] + plain["optimizer"] + plain["activations"] / 2
+    recomputed = memory_estimate.estimate(dataclasses.replace(cfg, activation_checkpointing="full"))
+    assert recomputed["activations"] < plain["activations"] / 2
+    # where weights outweigh activations, gradients stepped and freed in backward are never all alive
+    weighty = dataclasses.replace(cfg, model=MODELS["demo"], micro_batch_size=1, seq_len=16, activation_checkpointing="full")
+    whole = memory_estimate.estimate(weighty)
+    in_backward = memory_estimate.estimate(dataclasses.replace(weighty, optimizer_in_backward=True, grad_clip=0.0))
+    assert whole["grads"] > whole["params"] / 2 and in_backward["grads"] < whole["grads"] / 10
+    assert in_backward["peak"] < whole["peak"] - whole["params"] / 2
+
+
+@pytest.mark.gpu
+def test_memory_estimate_is_within_a_tenth_of_what_the_gpu_allocates():
+    cfg = dataclasses.replace(PRESETS["3090"], model=dataclasses.replace(PRESETS["3090"].model, n_layers=4),
+                              micro_batch_size=4, compile="off")
+    estimated = memory_estimate.estimate(cfg)["peak"]
+    device = torch.device("cuda")
+    torch.cuda.reset_peak_memory_stats(device)
+    with device:
+        model = LLaMA(cfg.model)
+    activation_checkpoint.apply(model, cfg.activation_checkpointing)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), in_backward=cfg.optimizer_in_backward)
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.micro_batch_size, cfg.seq_len), device=device)
+    amp = autocast(device, "bf16", cache=False)
+    for _ in range(2):
+        train_step(model, optimizer, lambda: (tokens, tokens), 1, 0.0, device, amp, make_loss_fn(cfg.loss_chunk))
+    measured = torch.cuda.max_memory_allocated(device) / 2**30
+    assert estimated == pytest.approx(measured, rel=0.1)
 
 
 @pytest.mark.gpu
