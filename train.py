@@ -170,9 +170,9 @@ def train(cfg, device, notifier):
                                           token_byte_lengths(tokenizer))
 
     def run_eval():
-        # each rank its share of the same held-out windows (equal shares, so the mean of means is the mean)
+        # each rank its share of the same held-out windows; evaluate weighs every rank's tokens
         mine = eval_batches(val_windows, cfg.micro_batch_size, cfg.eval_batches, rank, world)
-        val_loss = distributed.mean_over_ranks(evaluate(model, mine, device, amp, loss_fn), device)
+        val_loss = evaluate(model, mine, device, amp, loss_fn)
         return {"val_loss": val_loss, "val_bpb": loss_to_bpb(val_loss, val_bytes_per_token)}
 
     def sample(step):
@@ -185,7 +185,7 @@ def train(cfg, device, notifier):
         cfg, state, model=model, optimizer=optimizer, next_batch=batches.next, device=device, amp=amp,
         loss_fn=loss_fn, run_eval=run_eval, save_checkpoint=save_checkpoint, log=log,
         sequences_at=lambda step: batch_size_at(step, full_batch, cfg.rampup_start, cfg.rampup_increment, cfg.rampup_steps),
-        tokens_in=lambda batch: batch[0].numel() * world, flops_per_token=flops_per_token, peak=peak, sample=sample)
+        tokens_in=lambda batch: batch[0].numel(), flops_per_token=flops_per_token, peak=peak, sample=sample)
     step = state["step"]
     if mirror is not None:
         say(f"waiting for the upload to {cfg.mirror}")

@@ -78,10 +78,15 @@ def any_rank(flag, device):
     return bool(t.item())
 
 
+def sum_over_ranks(values, device):
+    """Element-wise sums over ranks of a list of Python numbers (float64: token counts stay exact)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def mean_over_ranks(value, device):
     """The mean of a Python float over ranks (each rank's loss is over its own slice of the batch)."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / dist.get_world_size()
+    return sum_over_ranks([value], device)[0] / world_size()
