@@ -1,9 +1,14 @@
-"""One process or many: the process group, FSDP2 sharding, and agreement between ranks.
+"""One process or many: the process group, building the model sharded (FSDP2), and agreement
+between ranks.
 
 Frozen decisions:
 - `torchrun` sets WORLD_SIZE/RANK/LOCAL_RANK; without them there is no process group at all.
 - FSDP2 (`fully_shard`) only when the world size is > 1: one unit per block, then the root (embedding,
   final norm, tied output). At world size 1 sharding only costs time.
+- Under torchrun no rank builds the whole model on its device: it is built on the meta device,
+  sharded, and each rank allocates only its shards. Rank 0 alone builds the initial weights, on the
+  CPU with the run's seed, and broadcasts them tensor by tensor: a run starts from exactly the
+  weights one process would have. A run that loads a checkpoint next skips that build.
 - On CUDA the shards are all-gathered as bf16 and gradients reduced in fp32 (MixedPrecisionPolicy);
   on CPU (gloo, the tests) everything stays fp32 so one process and two agree to float tolerance.
 - Every collective decision (stop now?) is an all-reduce: ranks never act on a local view alone.
@@ -53,6 +58,43 @@ def teardown():
 def barrier():
     if dist.is_initialized():
         dist.barrier()
+
+
+def build_model(cfg, device, init_weights=True):
+    """This rank's model for a run config (TrainConfig): activation checkpointing and torch.compile
+    applied and, under torchrun, sharded with FSDP2. init_weights=False: the caller loads a
+    checkpoint into it next, so under torchrun its shards are left uninitialised."""
+    from rodin import activation_checkpoint
+    from rodin.model import LLaMA
+
+    world = world_size()
+    if cfg.optimizer_in_backward and world > 1:
+        raise ValueError("optimizer_in_backward is for a single device; under torchrun FSDP already shards gradients "
+                         "and optimizer state: drop --optimizer_in_backward=true")
+    torch.manual_seed(cfg.seed)
+    if world == 1:
+        model = LLaMA(cfg.model).to(device)
+    else:
+        with torch.device("meta"):
+            model = LLaMA(cfg.model)
+    activation_checkpoint.apply(model, cfg.activation_checkpointing)
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+        for block in model.layers:
+            block.compile()  # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs
+    if world == 1:
+        return model
+    shard(model, device)
+    model.to_empty(device=device)  # this rank's shards only; the tied output stays tied
+    model.init_rope()
+    if init_weights:
+        from rodin.checkpoint import load_full_into_sharded
+
+        full = {}
+        if is_main():
+            torch.manual_seed(cfg.seed)
+            full = LLaMA(cfg.model).state_dict()  # on the CPU: the weights one process would draw
+        load_full_into_sharded(model, full, "the initial weights of rank 0")
+    return model
 
 
 def shard(model, device):
