@@ -8,6 +8,8 @@ Tensors go to safetensors (no pickle); the rest (step, data cursor, config) to J
 Under torchrun (world size > 1, FSDP2) the tensors go to torch.distributed.checkpoint instead:
 every rank writes its shards and its RNG state into the same step-N.tmp/, rank 0 writes the
 manifest last and renames, so the directory contract (and `latest`) is the same for both formats.
+Either format loads into a model sharded or not: DCP reshards, and a safetensors file is read by
+rank 0 alone and broadcast into the shards.
 Saves are synchronous: RODIN-1B's weights and moments are ~15 GB, seconds to write every few
 hundred steps, and a save that is finished is the one a SIGTERM can rely on.
 """

@@ -20,6 +20,10 @@ import os
 import torch
 import torch.distributed as dist
 
+from rodin import activation_checkpoint
+from rodin.checkpoint import load_full_into_sharded
+from rodin.model import LLaMA
+
 
 def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -64,9 +68,6 @@ def build_model(cfg, device, init_weights=True):
     """This rank's model for a run config (TrainConfig): activation checkpointing and torch.compile
     applied and, under torchrun, sharded with FSDP2. init_weights=False: the caller loads a
     checkpoint into it next, so under torchrun its shards are left uninitialised."""
-    from rodin import activation_checkpoint
-    from rodin.model import LLaMA
-
     world = world_size()
     if cfg.optimizer_in_backward and world > 1:
         raise ValueError("optimizer_in_backward is for a single device; under torchrun FSDP already shards gradients "
@@ -87,8 +88,6 @@ def build_model(cfg, device, init_weights=True):
     model.to_empty(device=device)  # this rank's shards only; the tied output stays tied
     model.init_rope()
     if init_weights:
-        from rodin.checkpoint import load_full_into_sharded
-
         full = {}
         if is_main():
             torch.manual_seed(cfg.seed)
