@@ -1,6 +1,7 @@
 """Fine-tune a pretrained checkpoint into a chat model (full fine-tune, ChatML).
 
     python sft.py --preset=cpu-demo --init_from=runs/demo --data=data/littre-sft.jsonl.gz [--key=value ...]
+    torchrun --nproc_per_node=8 sft.py --preset=gpu-demo --init_from=runs/lucie-7b --data=... [--key=value ...]
 
 Frozen decisions:
 - The model shape and tokenizer are the init_from checkpoint's; only its weights are taken (a
@@ -10,22 +11,22 @@ Frozen decisions:
 - The run directory is a pretraining run's (config.json, metrics.jsonl, loss.png, samples.md,
   checkpoints/); relaunching resumes from its own newest checkpoint, bit-identically on CPU,
   and SIGTERM/SIGINT/SIGUSR1 checkpoint and exit 0. The step-0 val_loss is the "before".
+- Under torchrun it is train.py's FSDP2: every rank reads and packs the same rows and takes its
+  slice of each global batch; the model is built sharded and init_from is loaded into the shards.
 """
 
 import dataclasses
 import os
 import sys
 
-import torch
-
-from rodin import activation_checkpoint, checkpoint, distributed
+from rodin import checkpoint, distributed
 from rodin.chat import chat_reply, open_chat_tokenizer
 from rodin.config import SFT_PRESETS, config_to_dict, parse_args, save_config
 from rodin.data import TrainBatches, eval_batches
-from rodin.device import autocast, peak_flops, pick_device
+from rodin.device import autocast, peak_flops
 from rodin.loop import evaluate, run_steps
 from rodin.loss import make_loss_fn
-from rodin.model import LLaMA, ModelConfig
+from rodin.model import ModelConfig
 from rodin.optim import make_optimizer
 from rodin.runlog import RunLog
 from rodin.sft_data import Rows, is_trainable, make_examples, read_conversations, shuffled, split_conversations
@@ -39,8 +40,6 @@ def refuse_pretraining_only_options(cfg):
     set_ = [f"--{k}" for k, default in unsupported.items() if getattr(cfg, k) != default]
     if set_:
         raise ValueError(f"sft.py does not support {', '.join(set_)} yet (train.py does); drop them")
-    if distributed.world_size() > 1:
-        raise ValueError("sft.py runs on one device; launch it with python, not torchrun")
 
 
 def main(argv):
@@ -48,7 +47,18 @@ def main(argv):
         raise ValueError("sft.py takes the model shape from --init_from; --model options do not apply")
     cfg = parse_args(argv, presets=SFT_PRESETS)
     refuse_pretraining_only_options(cfg)
+    device = distributed.setup(cfg.device)
+    try:
+        return finetune(cfg, device)
+    finally:
+        distributed.teardown()
+
+
+def finetune(cfg, device):
     run_dir = os.path.join(cfg.out_dir, cfg.name)
+    rank, world = distributed.rank(), distributed.world_size()
+    is_main = rank == 0
+    say = print if is_main else (lambda *a, **k: None)
     # a run that has a checkpoint resumes from it and no longer needs init_from
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
@@ -63,70 +73,79 @@ def main(argv):
     cfg = dataclasses.replace(cfg, model=ModelConfig(**source_meta["config"]["model"]), tokenizer=tokenizer.path)
     if cfg.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the max_seq_len={cfg.model.max_seq_len} of {source}")
-    device = pick_device(cfg.device)
     amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
-    torch.manual_seed(cfg.seed)
 
+    # every rank reads and packs the same rows (the same data, tokenizer and seed), then takes its slice
     conversations = shuffled(list(read_conversations(cfg.data, cfg.data_split)), cfg.seed)
     train_convs, val_convs = split_conversations(conversations, cfg.val_fraction)
     if not val_convs:
         raise ValueError(f"{cfg.data}: no held-out conversation with val_fraction={cfg.val_fraction}; raise it")
     pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id  # fills rows; never a target
-    train_rows = Rows(make_examples(tokenizer, train_convs, cfg.seq_len + 1, cfg.truncate, progress=cfg.tqdm),
-                      cfg.seq_len, pad_id, cfg.pack)
-    val_rows = Rows(make_examples(tokenizer, val_convs, cfg.seq_len + 1, cfg.truncate), cfg.seq_len, pad_id, cfg.pack)
+    train_rows = Rows(make_examples(tokenizer, train_convs, cfg.seq_len + 1, cfg.truncate, progress=cfg.tqdm and is_main,
+                                    warn_skipped=is_main), cfg.seq_len, pad_id, cfg.pack)
+    val_rows = Rows(make_examples(tokenizer, val_convs, cfg.seq_len + 1, cfg.truncate, warn_skipped=is_main),
+                    cfg.seq_len, pad_id, cfg.pack)
     if not len(train_rows) or not len(val_rows):
         raise ValueError(f"{cfg.data}: no trainable conversation left in the {'train' if not len(train_rows) else 'val'} split")
-    batches = TrainBatches(train_rows, cfg.micro_batch_size, cfg.seed)
-    print(f"data: {train_rows.n_examples:,} train / {val_rows.n_examples:,} held-out conversations in "
-          f"{len(train_rows):,} rows of {cfg.seq_len} ({train_rows.fill():.0%} filled, {'packed' if cfg.pack else 'padded'})")
+    if len(val_rows) < world:
+        raise ValueError(f"{cfg.data}: {len(val_rows)} held-out rows for {world} processes; raise --val_fraction")
+    batches = TrainBatches(train_rows, cfg.micro_batch_size, cfg.seed, rank, world)
+    global_batch = cfg.micro_batch_size * cfg.grad_accum_steps * world
+    say(f"data: {train_rows.n_examples:,} train / {val_rows.n_examples:,} held-out conversations in "
+        f"{len(train_rows):,} rows of {cfg.seq_len} ({train_rows.fill():.0%} filled, {'packed' if cfg.pack else 'padded'})")
 
-    model = LLaMA(cfg.model).to(device)
-    activation_checkpoint.apply(model, cfg.activation_checkpointing)
-    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
-        for block in model.layers:
-            block.compile()
+    note = None
+    if ckpt is not None:
+        meta = checkpoint.read_meta(ckpt)
+        note = check_resumable(ckpt, meta, cfg, tokenizer, train_rows, global_batch)
+    # no initial weights to draw: init_from or the run's own checkpoint is loaded into the model
+    model = distributed.build_model(cfg, device, init_weights=False)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), in_backward=cfg.optimizer_in_backward)
     loss_fn = make_loss_fn(cfg.loss_chunk)
     step, tokens_seen = 0, 0
     if ckpt is not None:
-        meta = checkpoint.read_meta(ckpt)
-        check_resumable(ckpt, meta, cfg, tokenizer, train_rows)
         checkpoint.load(ckpt, model, optimizer)
         batches.load_state_dict(meta["data"])
         step, tokens_seen = meta["step"], meta["tokens_seen"]
-        print(f"resuming from {ckpt} (step {step}, {tokens_seen:,} tokens)")
+        say(f"resuming from {ckpt} (step {step}, {tokens_seen:,} tokens{', ' + note if note else ''})")
     else:
         checkpoint.load(init_ckpt, model, restore_rng_state=False)
-        print(f"fine-tuning {init_ckpt}")
+        say(f"fine-tuning {init_ckpt}")
     os.makedirs(run_dir, exist_ok=True)
-    save_config(cfg, os.path.join(run_dir, "config.json"))
-    log = RunLog(run_dir, config_to_dict(cfg), cfg.wandb, resume_step=step)
-    print(f"model: {model.num_params():,} parameters | device {device}")
+    log = None
+    if is_main:
+        save_config(cfg, os.path.join(run_dir, "config.json"))
+        log = RunLog(run_dir, dict(config_to_dict(cfg), world_size=world), cfg.wandb, resume_step=step)
+    say(f"model: {model.num_params():,} parameters | {world} x {device.type}{' (FSDP2)' if world > 1 else ''}")
 
     state = {"step": step, "tokens_seen": tokens_seen}
 
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "data_fingerprint": train_rows.fingerprint(),
-                "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt}
+                "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "world_size": world}
         return checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints)
 
     def run_eval():
-        return {"val_loss": evaluate(model, eval_batches(val_rows, cfg.micro_batch_size, cfg.eval_batches), device, amp, loss_fn)}
+        # each rank its share of the same held-out rows; evaluate weighs every rank's tokens
+        mine = eval_batches(val_rows, cfg.micro_batch_size, cfg.eval_batches, rank, world)
+        return {"val_loss": evaluate(model, mine, device, amp, loss_fn)}
 
     loss, stopped = run_steps(
         cfg, state, model=model, optimizer=optimizer, next_batch=batches.next, device=device, amp=amp, loss_fn=loss_fn,
         run_eval=run_eval, save_checkpoint=save_checkpoint, log=log,
-        sequences_at=lambda step: cfg.micro_batch_size * cfg.grad_accum_steps,
+        sequences_at=lambda step: global_batch,
         tokens_in=lambda batch: int((batch[0] != pad_id).sum()),  # padding is not data
         flops_per_token=model.flops_per_token(cfg.seq_len), peak=peak_flops(device))
     step = state["step"]
     if stopped:
-        print(f"{stopped}: checkpoint written at step {step}; relaunch the same command to resume")
-        log.finish()
+        say(f"{stopped}: checkpoint written at step {step}; relaunch the same command to resume")
+        if is_main:
+            log.finish()
         return 0
     questions = [m for _, m in val_convs if is_trainable(m) and any(t["role"] == "user" for t in m)][:N_SAMPLES]
-    samples = held_out_replies(model, tokenizer, questions, cfg.sample_tokens)
+    samples = held_out_replies(model, tokenizer, questions, cfg.sample_tokens)  # all ranks: FSDP needs them in each forward
+    if not is_main:
+        return 0
     log.write_samples(step, samples)
     log.finish()
     val = [r["val_loss"] for r in log.records if "val_loss" in r]
@@ -138,7 +157,8 @@ def main(argv):
     return 0
 
 
-def check_resumable(ckpt_path, meta, cfg, tokenizer, rows):
+def check_resumable(ckpt_path, meta, cfg, tokenizer, rows, global_batch):
+    """Refuse to resume what would not continue the same run; returns a note when resharding."""
     if meta["config"]["model"] != dataclasses.asdict(cfg.model):
         raise ValueError(f"{ckpt_path}: a fine-tune of another model shape ({meta['config']['model']}); "
                          "fine-tune into another --name")
@@ -147,6 +167,7 @@ def check_resumable(ckpt_path, meta, cfg, tokenizer, rows):
     if meta.get("data_fingerprint") != rows.fingerprint():
         raise ValueError(f"{ckpt_path}: started on other SFT rows (data, seq_len, pack, truncate or seed differ); "
                          "resume with the same settings, or use another --name")
+    return checkpoint.check_world_size(ckpt_path, meta, global_batch, new_run=f"--init_from={ckpt_path} and another --name")
 
 
 def held_out_replies(model, tokenizer, conversations, max_new_tokens):

@@ -12,15 +12,15 @@ Frozen decisions:
 - SIGTERM/SIGINT/SIGUSR1 finish the current step, write a checkpoint and exit 0; under torchrun
   the ranks all-reduce the flag so they stop at the same step. World size > 1 means FSDP2 and
   torch.distributed.checkpoint; world size 1 means a plain module and safetensors.
+- Under torchrun the model is built on the meta device and sharded before any rank allocates it;
+  a new run's weights are those one process would draw, broadcast from rank 0 (rodin.distributed).
 """
 
 import dataclasses
 import os
 import sys
 
-import torch
-
-from rodin import activation_checkpoint, checkpoint, distributed
+from rodin import checkpoint, distributed
 from rodin.config import config_to_dict, parse_args, save_config
 from rodin.data import TrainBatches, Windows, eval_batches, find_shards
 from rodin.device import autocast, peak_flops
@@ -28,7 +28,6 @@ from rodin.loop import evaluate, run_steps, sample_texts
 from rodin.loss import make_loss_fn
 from rodin.metrics import bytes_per_token, loss_to_bpb, token_byte_lengths
 from rodin.mirror import Mirror
-from rodin.model import LLaMA
 from rodin.notify import Notifier
 from rodin.optim import batch_size_at, make_optimizer
 from rodin.runlog import RunLog
@@ -38,27 +37,15 @@ from rodin.tokenizer import Tokenizer
 PHASE_MAY_CHANGE = ("max_seq_len", "rope_theta")
 
 
-def check_resumable(ckpt_path, meta, cfg, tokenizer, global_batch=None):
+def check_resumable(ckpt_path, meta, cfg, tokenizer, global_batch):
     """Refuse to resume what would not continue the same run; returns a note when resharding."""
     if meta["config"]["model"] != dataclasses.asdict(cfg.model):
         raise ValueError(f"{ckpt_path}: trained with model {meta['config']['model']}, this run asks for "
                          f"{dataclasses.asdict(cfg.model)}; use another --name, or the same model settings")
     if meta["tokenizer"] != tokenizer.fingerprint:
         raise ValueError(f"{ckpt_path}: trained with tokenizer {meta['tokenizer']}, not {cfg.tokenizer} ({tokenizer.fingerprint})")
-    saved_world, world = meta.get("world_size", 1), distributed.world_size()
-    if saved_world == world:
-        return None
-    # another world size: DCP reshards model and optimizer; the data cursor is global, so the run
-    # continues on the same data if the global batch is the same
-    if not checkpoint.is_dcp(ckpt_path):
-        raise ValueError(f"{ckpt_path}: written by one process, this run has {world}; relaunch without torchrun, "
-                         f"or start a new run from it with --init_from={ckpt_path} --init_optimizer=false")
-    saved = meta["config"]
-    saved_batch = saved["micro_batch_size"] * saved["grad_accum_steps"] * saved_world
-    if global_batch is not None and global_batch != saved_batch:
-        raise ValueError(f"{ckpt_path}: written by {saved_world} processes with a global batch of {saved_batch} sequences; "
-                         f"to resume on {world}, keep it: --micro_batch_size x --grad_accum_steps = {saved_batch // world}")
-    return f"resharded from {saved_world} to {world} process(es)"
+    return checkpoint.check_world_size(ckpt_path, meta, global_batch,
+                                       new_run=f"--init_from={ckpt_path} --init_optimizer=false")
 
 
 def check_phase_source(path, meta, cfg, tokenizer):
@@ -92,10 +79,6 @@ def train(cfg, device, notifier):
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank; FSDP then keeps each rank's shard
-    if cfg.optimizer_in_backward and world > 1:
-        raise ValueError("optimizer_in_backward is for a single device; under torchrun FSDP already shards gradients "
-                         "and optimizer state: drop --optimizer_in_backward=true")
 
     tokenizer = Tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -111,16 +94,6 @@ def train(cfg, device, notifier):
                          f"multiples of micro_batch_size x world size = {per_micro_step}, and rampup_start below the "
                          f"global batch {full_batch}")
 
-    model = LLaMA(cfg.model).to(device)
-    activation_checkpoint.apply(model, cfg.activation_checkpointing)
-    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
-        for block in model.layers:
-            block.compile()  # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs
-    if world > 1:
-        distributed.shard(model, device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), in_backward=cfg.optimizer_in_backward)
-    loss_fn = make_loss_fn(cfg.loss_chunk)
-    step, tokens_seen = 0, 0
     mirror = Mirror(cfg.mirror, cfg.keep_checkpoints) if cfg.mirror and is_main else None
     if mirror is not None and checkpoint.latest(run_dir) is None:
         restored = mirror.restore_latest(run_dir)  # a fresh machine: the local disk died with the last one
@@ -131,6 +104,12 @@ def train(cfg, device, notifier):
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
         note = check_resumable(ckpt, meta, cfg, tokenizer, full_batch)
+    # the initial weights are drawn only if no checkpoint overwrites them
+    model = distributed.build_model(cfg, device, init_weights=ckpt is None and not cfg.init_from)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), in_backward=cfg.optimizer_in_backward)
+    loss_fn = make_loss_fn(cfg.loss_chunk)
+    step, tokens_seen = 0, 0
+    if ckpt is not None:
         checkpoint.load(ckpt, model, optimizer)
         batches.load_state_dict(meta["data"])
         step, tokens_seen = meta["step"], meta["tokens_seen"]
@@ -170,9 +149,9 @@ def train(cfg, device, notifier):
                                           token_byte_lengths(tokenizer))
 
     def run_eval():
-        # each rank its share of the same held-out windows (equal shares, so the mean of means is the mean)
+        # each rank its share of the same held-out windows; evaluate weighs every rank's tokens
         mine = eval_batches(val_windows, cfg.micro_batch_size, cfg.eval_batches, rank, world)
-        val_loss = distributed.mean_over_ranks(evaluate(model, mine, device, amp, loss_fn), device)
+        val_loss = evaluate(model, mine, device, amp, loss_fn)
         return {"val_loss": val_loss, "val_bpb": loss_to_bpb(val_loss, val_bytes_per_token)}
 
     def sample(step):
@@ -185,7 +164,7 @@ def train(cfg, device, notifier):
         cfg, state, model=model, optimizer=optimizer, next_batch=batches.next, device=device, amp=amp,
         loss_fn=loss_fn, run_eval=run_eval, save_checkpoint=save_checkpoint, log=log,
         sequences_at=lambda step: batch_size_at(step, full_batch, cfg.rampup_start, cfg.rampup_increment, cfg.rampup_steps),
-        tokens_in=lambda batch: batch[0].numel() * world, flops_per_token=flops_per_token, peak=peak, sample=sample)
+        tokens_in=lambda batch: batch[0].numel(), flops_per_token=flops_per_token, peak=peak, sample=sample)
     step = state["step"]
     if mirror is not None:
         say(f"waiting for the upload to {cfg.mirror}")

@@ -8,6 +8,8 @@ Tensors go to safetensors (no pickle); the rest (step, data cursor, config) to J
 Under torchrun (world size > 1, FSDP2) the tensors go to torch.distributed.checkpoint instead:
 every rank writes its shards and its RNG state into the same step-N.tmp/, rank 0 writes the
 manifest last and renames, so the directory contract (and `latest`) is the same for both formats.
+Either format loads into a model sharded or not: DCP reshards, and a safetensors file is read by
+rank 0 alone and broadcast into the shards.
 Saves are synchronous: RODIN-1B's weights and moments are ~15 GB, seconds to write every few
 hundred steps, and a save that is finished is the one a SIGTERM can rely on.
 """
@@ -206,6 +208,26 @@ def resolve(path):
     return found
 
 
+def check_world_size(path, meta, global_batch, new_run):
+    """Whether the checkpoint at path can continue its run on this world size: None if written by
+    as many processes, a note if DCP reshards it, else ValueError. The data cursor is global, so
+    the run continues on the same data only if the global batch is the same. new_run: the options
+    that start a new run from the checkpoint instead, for the message."""
+    saved_world = meta.get("world_size", 1)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if saved_world == world:
+        return None
+    if not is_dcp(path):
+        raise ValueError(f"{path}: written by one process, this run has {world}; relaunch without torchrun, "
+                         f"or start a new run from it with {new_run}")
+    saved = meta["config"]
+    saved_batch = saved["micro_batch_size"] * saved["grad_accum_steps"] * saved_world
+    if global_batch != saved_batch:
+        raise ValueError(f"{path}: written by {saved_world} processes with a global batch of {saved_batch} sequences; "
+                         f"to resume on {world}, keep it: --micro_batch_size x --grad_accum_steps = {saved_batch // world}")
+    return f"resharded from {saved_world} to {world} process(es)"
+
+
 def read_meta(path):
     with open(os.path.join(path, "trainer.json")) as f:
         return json.load(f)
@@ -220,11 +242,12 @@ def load(path, model, optimizer=None, restore_rng_state=True, keep_hyperparams=F
     if is_dcp(path):
         load_dcp(path, model, optimizer)
     else:
-        tensors = load_file(os.path.join(path, "model.safetensors"), device=str(model.output.weight.device))
         if is_sharded_run():
+            # rank 0 alone reads the weights (onto the CPU) and broadcasts them into every rank's shards
+            tensors = load_file(os.path.join(path, "model.safetensors")) if dist.get_rank() == 0 else {}
             load_full_into_sharded(model, tensors, path)
         else:
-            load_model_tensors(model, tensors, path)
+            load_model_tensors(model, load_file(os.path.join(path, "model.safetensors"), device=str(model.output.weight.device)), path)
         if optimizer is not None:
             if is_sharded_run():
                 raise ValueError(f"{path}: a single-process optimizer state cannot be loaded under torchrun; "
@@ -265,11 +288,14 @@ def _load_dcp(path, model, optimizer, no_dist):
 
 
 def load_full_into_sharded(model, tensors, source):
+    """Whole (unsharded) weights into a model sharded with FSDP2: rank 0 passes them, on any device,
+    the other ranks pass {}. Each tensor is broadcast in turn and every rank keeps its shard of it,
+    so no other rank ever holds more than one whole tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    if getattr(model.cfg, "tie_embeddings", False):
+    if tensors and getattr(model.cfg, "tie_embeddings", False):
         tensors = dict(tensors, **{"output.weight": tensors["tok_embeddings.weight"]})
     try:
-        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     except RuntimeError as e:
         raise ValueError(f"{source}: weights do not fit the model config ({e})") from None

@@ -1,9 +1,14 @@
-"""One process or many: the process group, FSDP2 sharding, and agreement between ranks.
+"""One process or many: the process group, building the model sharded (FSDP2), and agreement
+between ranks.
 
 Frozen decisions:
 - `torchrun` sets WORLD_SIZE/RANK/LOCAL_RANK; without them there is no process group at all.
 - FSDP2 (`fully_shard`) only when the world size is > 1: one unit per block, then the root (embedding,
   final norm, tied output). At world size 1 sharding only costs time.
+- Under torchrun no rank builds the whole model on its device: it is built on the meta device,
+  sharded, and each rank allocates only its shards. Rank 0 alone builds the initial weights, on the
+  CPU with the run's seed, and broadcasts them tensor by tensor: a run starts from exactly the
+  weights one process would have. A run that loads a checkpoint next skips that build.
 - On CUDA the shards are all-gathered as bf16 and gradients reduced in fp32 (MixedPrecisionPolicy);
   on CPU (gloo, the tests) everything stays fp32 so one process and two agree to float tolerance.
 - Every collective decision (stop now?) is an all-reduce: ranks never act on a local view alone.
@@ -14,6 +19,10 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from rodin import activation_checkpoint
+from rodin.checkpoint import load_full_into_sharded
+from rodin.model import LLaMA
 
 
 def world_size():
@@ -55,6 +64,38 @@ def barrier():
         dist.barrier()
 
 
+def build_model(cfg, device, init_weights=True):
+    """This rank's model for a run config (TrainConfig): activation checkpointing and torch.compile
+    applied and, under torchrun, sharded with FSDP2. init_weights=False: the caller loads a
+    checkpoint into it next, so under torchrun its shards are left uninitialised."""
+    world = world_size()
+    if cfg.optimizer_in_backward and world > 1:
+        raise ValueError("optimizer_in_backward is for a single device; under torchrun FSDP already shards gradients "
+                         "and optimizer state: drop --optimizer_in_backward=true")
+    torch.manual_seed(cfg.seed)
+    if world == 1:
+        model = LLaMA(cfg.model).to(device)
+    else:
+        with torch.device("meta"):
+            model = LLaMA(cfg.model)
+    activation_checkpoint.apply(model, cfg.activation_checkpointing)
+    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+        for block in model.layers:
+            block.compile()  # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs
+    if world == 1:
+        return model
+    shard(model, device)
+    model.to_empty(device=device)  # this rank's shards only; the tied output stays tied
+    model.init_rope()
+    if init_weights:
+        full = {}
+        if is_main():
+            torch.manual_seed(cfg.seed)
+            full = LLaMA(cfg.model).state_dict()  # on the CPU: the weights one process would draw
+        load_full_into_sharded(model, full, "the initial weights of rank 0")
+    return model
+
+
 def shard(model, device):
     """FSDP2: each block its own unit (gathered just before use, freed after), then the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -78,10 +119,15 @@ def any_rank(flag, device):
     return bool(t.item())
 
 
+def sum_over_ranks(values, device):
+    """Element-wise sums over ranks of a list of Python numbers (float64: token counts stay exact)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def mean_over_ranks(value, device):
     """The mean of a Python float over ranks (each rank's loss is over its own slice of the batch)."""
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.item() / dist.get_world_size()
+    return sum_over_ranks([value], device)[0] / world_size()

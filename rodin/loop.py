@@ -47,7 +47,8 @@ def train_step(model, optimizer, next_batch, grad_accum_steps, grad_clip, device
 
 @torch.no_grad()
 def evaluate(model, batches, device, autocast, loss_fn=None):
-    """Mean loss over the given batches (see to_device), weighted by target tokens."""
+    """Mean loss over the given batches (see to_device) of every rank, weighted by target tokens:
+    under torchrun each rank passes its own share of the held-out data."""
     was_training = model.training
     model.eval()
     loss_sum, count = 0.0, 0
@@ -59,6 +60,7 @@ def evaluate(model, batches, device, autocast, loss_fn=None):
         loss_sum += float(loss) * n
         count += n
     model.train(was_training)
+    loss_sum, count = distributed.sum_over_ranks([loss_sum, count], device)
     return loss_sum / count if count else math.nan
 
 
@@ -106,15 +108,17 @@ def run_steps(cfg, state, *, model, optimizer, next_batch, device, amp, loss_fn,
 
     state: a dict with "step" and "tokens_seen", advanced in place (save_checkpoint reads it).
     sequences_at(step): sequences per step over all ranks (a batch ramp-up changes it).
-    tokens_in(batch): the tokens a micro-batch counts for, over all ranks.
+    tokens_in(batch): the tokens this rank's micro-batch counts for (summed over ranks each step).
     run_eval(): {"val_loss": …, …}. log: a RunLog, or None on ranks other than 0.
     sample(step): called every cfg.sample_every steps. Returns (last loss, stop reason or None)."""
     world = distributed.world_size()
     per_micro_step = cfg.micro_batch_size * world
 
+    step_tokens = [0]  # this rank's, in the current step
+
     def counted_batch():
         batch = next_batch()
-        state["tokens_seen"] += tokens_in(batch)
+        step_tokens[0] += tokens_in(batch)
         return batch
 
     stop = StopFlag()
@@ -134,8 +138,10 @@ def run_steps(cfg, state, *, model, optimizer, next_batch, device, amp, loss_fn,
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule, cfg.decay_steps)
         set_lr(optimizer, lr)
         sequences = sequences_at(step)
+        step_tokens[0] = 0
         step_loss, grad_norm = train_step(model, optimizer, counted_batch, sequences // per_micro_step, cfg.grad_clip,
                                           device, amp, loss_fn)
+        state["tokens_seen"] += int(distributed.sum_over_ranks(step_tokens, device)[0])
         step = state["step"] = step + 1
         stopping = distributed.any_rank(bool(stop), device)  # every rank stops at the same step
         bar.update(1)

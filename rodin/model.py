@@ -164,8 +164,7 @@ class LLaMA(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """Normal(0, std) everywhere, residual projections scaled by 1/sqrt(2 * n_layers) (GPT-2)
-        so the residual stream does not grow with depth. Also recomputes the RoPE tables, which
-        a model built on the meta device does not have."""
+        so the residual stream does not grow with depth. Also recomputes the RoPE tables (init_rope)."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -174,6 +173,12 @@ class LLaMA(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layers))
             else:
                 nn.init.normal_(p, mean=0.0, std=std)
+        self.init_rope()
+
+    @torch.no_grad()
+    def init_rope(self):
+        """Recompute the RoPE tables in place. They are not in checkpoints (non-persistent), so a
+        model built on the meta device and then allocated with to_empty() needs them computed."""
         if self.rope_cos.device.type != "meta":
             cos, sin = rope_cos_sin(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
             self.rope_cos.copy_(cos)

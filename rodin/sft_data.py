@@ -109,16 +109,18 @@ def make_example(tokenizer, messages, max_tokens=None, truncate=False):
     return ids[:-1], np.where(trained[1:], ids[1:], IGNORE)
 
 
-def make_examples(tokenizer, conversations, max_tokens, truncate=False, progress=False):
-    """Examples of the conversations that can be trained on; the others get a one-line warning."""
+def make_examples(tokenizer, conversations, max_tokens, truncate=False, progress=False, warn_skipped=True):
+    """Examples of the conversations that can be trained on; the others get a one-line warning
+    (warn_skipped=False: none, for the ranks of a torchrun other than 0, which read the same data)."""
     examples = []
     for where, messages in tqdm(conversations, desc="tokenize", unit="conv", disable=not progress, mininterval=1):
         try:
             examples.append(make_example(tokenizer, messages, max_tokens, truncate))
         except ValueError as e:
-            warn(f"{where}: skipped: {e}")
+            if warn_skipped:
+                warn(f"{where}: skipped: {e}")
     skipped = len(conversations) - len(examples)
-    if skipped:
+    if skipped and warn_skipped:
         warn(f"{skipped} of {len(conversations)} conversations skipped")
     return examples
 

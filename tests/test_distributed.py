@@ -1,18 +1,22 @@
 """train.py under torchrun (2 processes, gloo, FSDP2): the losses of one process, exact resume
-from a distributed checkpoint, and a stop on SIGTERM that all ranks agree on."""
+from a distributed checkpoint, a stop on SIGTERM that all ranks agree on, and a model built
+sharded from the start with the initial weights of one process."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
+import torch.multiprocessing as mp
 
 import train
-from rodin import checkpoint
-from rodin.config import MODELS
+from rodin import checkpoint, distributed
+from rodin.config import MODELS, parse_args
 from rodin.model import LLaMA
 from rodin.optim import make_optimizer
 
@@ -96,3 +100,61 @@ def test_sigterm_to_one_rank_stops_all_ranks_at_the_same_step_with_a_checkpoint_
     before = model.layers[0].attention.wq.weight.clone()
     checkpoint.load(latest, model, make_optimizer(model, 1e-3, 0.1, (0.9, 0.95)), restore_rng_state=False)
     assert not model.layers[0].attention.wq.weight.equal(before)  # the trained weights, gathered from both shards
+
+
+def build_on_two_ranks(rank, port, out_dir):
+    """One rank of a 2-process gloo group: build the test model with distributed.build_model and
+    write what this rank saw into out_dir/rank{rank}.pt."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    built_on = []  # the device of every LLaMA this process constructs
+    llama_init = LLaMA.__init__
+
+    def recording_init(self, cfg):
+        llama_init(self, cfg)
+        built_on.append(self.tok_embeddings.weight.device.type)
+
+    LLaMA.__init__ = recording_init
+    cfg = parse_args(["--preset=test"])
+    device = distributed.setup("cpu")
+    model = distributed.build_model(cfg, device)
+    seen = {
+        "built_on": list(built_on),
+        "local_shapes": {n: tuple(p.to_local().shape) for n, p in model.named_parameters()},
+        "weights": {n: p.full_tensor() for n, p in model.named_parameters()},  # gathered here, for the comparison
+        "rope": (model.rope_cos.clone(), model.rope_sin.clone()),
+        "tied": model.output.weight is model.tok_embeddings.weight,
+    }
+    with torch.no_grad():
+        seen["logits"] = model(torch.arange(32).reshape(2, 16) % cfg.model.vocab_size)[0]
+    built_on.clear()
+    distributed.build_model(cfg, device, init_weights=False)  # a checkpoint is loaded next: nothing to draw
+    seen["built_on_for_a_checkpoint"] = built_on
+    torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+    distributed.teardown()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_under_torchrun_only_rank_0_builds_the_whole_model_and_every_rank_starts_from_one_process_weights(tmp_path):
+    mp.spawn(build_on_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
+    cfg = parse_args(["--preset=test"])
+    torch.manual_seed(cfg.seed)
+    single = LLaMA(cfg.model)  # what `python train.py --preset=test` starts from
+    with torch.no_grad():
+        single_logits, _ = single(torch.arange(32).reshape(2, 16) % cfg.model.vocab_size)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    # rank 1 only ever had the model on the meta device; rank 0 also drew the initial weights on the CPU
+    assert ranks[0]["built_on"] == ["meta", "cpu"] and ranks[1]["built_on"] == ["meta"]
+    assert ranks[0]["built_on_for_a_checkpoint"] == ranks[1]["built_on_for_a_checkpoint"] == ["meta"]
+    for seen in ranks:
+        for name, p in single.named_parameters():
+            assert seen["local_shapes"][name][0] == p.shape[0] // 2, name  # each rank holds half of every matrix
+            assert seen["weights"][name].equal(p), name
+        assert seen["rope"][0].equal(single.rope_cos) and seen["rope"][1].equal(single.rope_sin)
+        assert seen["tied"]
+        torch.testing.assert_close(seen["logits"], single_logits, rtol=1e-5, atol=1e-5)

@@ -236,6 +236,40 @@ def test_resumed_sft_is_bit_identical_to_an_uninterrupted_one(pretrained, tmp_pa
         run_sft(pretrained, tmp_path / "b", data, "--max_steps=9", "--val_fraction=0.3")
 
 
+def sft_torchrun(pretrained, out_dir, data, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "sft.py"),
+           "--preset=test", f"--init_from={pretrained}", f"--data={data}", f"--out_dir={out_dir}", "--seq_len=128", *args]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_sft_under_torchrun_interrupted_and_resumed_gives_the_losses_of_one_process(pretrained, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "littre.jsonl", littre_slice(60))
+    # the same global batch of 4 rows in micro-batches of 2 (the loss is a mean over each micro-batch's
+    # answer tokens): 2 ranks x 1, or 1 process x 2; the same 8 held-out rows: 2 ranks x 2 x 2, or 1 x 2 x 4
+    args = ["--max_steps=8", "--ckpt_every=100", "--val_fraction=0.2", "--micro_batch_size=2"]
+    sft_torchrun(pretrained, tmp_path / "fsdp", data, *args, "--eval_batches=2", "--stop_at_step=3")
+    out = sft_torchrun(pretrained, tmp_path / "fsdp", data, *args, "--eval_batches=2")
+    assert "resuming from" in out and "(FSDP2)" in out and "replies to held-out questions:" in out
+    sharded = os.path.join(tmp_path, "fsdp", "sft")
+    assert checkpoint.is_dcp(checkpoint.latest(sharded))
+    single = run_sft(pretrained, tmp_path / "single", data, *args, "--grad_accum_steps=2", "--eval_batches=4")
+    records = lambda run: [(r["step"], r["tokens_seen"]) for r in metrics(run)]  # noqa: E731
+    assert records(sharded) == records(single)  # padding excluded, every rank's tokens counted
+    for a, b in zip(metrics(sharded), metrics(single)):
+        assert a.keys() == b.keys()
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a["step"])
+    # one process resumes it only with the global batch it was written with (DCP reshards)
+    with pytest.raises(ValueError, match="written by 2 processes with a global batch of 4 sequences"):
+        run_sft(pretrained, tmp_path / "fsdp", data, *args, "--max_steps=9")
+    capsys.readouterr()
+    run_sft(pretrained, tmp_path / "fsdp", data, *args, "--max_steps=9", "--grad_accum_steps=2")
+    assert "resharded from 2 to 1 process(es)" in capsys.readouterr().out
+
+
 def test_memory_savers_change_memory_not_the_sft_losses(pretrained, tmp_path):
     data = write_jsonl(tmp_path / "littre.jsonl", littre_slice(60))
     plain = run_sft(pretrained, tmp_path / "plain", data, "--max_steps=4", "--val_fraction=0.2")
