@@ -20,6 +20,7 @@ Frozen decisions:
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
@@ -47,6 +48,8 @@ def estimate(cfg):
     from torch.distributed._tools.mem_tracker import MemTracker
 
     device = torch.device("cpu")
+    # the peak of 2 accumulated micro-batches is that of any more: the gradients are whole from the second
+    cfg = dataclasses.replace(cfg, grad_accum_steps=min(cfg.grad_accum_steps, 2))
     with FakeTensorMode():
         model = LLaMA(cfg.model)
         activation_checkpoint.apply(model, cfg.activation_checkpointing)

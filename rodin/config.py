@@ -124,15 +124,17 @@ PRESETS = {
     # RODIN-1B on one 24 GiB card (RTX 3090/4090): fp32 weights + Adam moments are 13.8 GiB, so the
     # gradients are never all alive (optimizer_in_backward), blocks are recomputed and the logits
     # chunked. Without gradient accumulation a step is 8 x 2048 tokens, hence the lower peak LR.
+    # Estimated peak 19.3 GiB (bench/memory_estimate.py); clipping and accumulation would need 22.3.
     "3090": TrainConfig(model=MODELS["rodin-1b"], data_dir="data/fr", tokenizer="data/fr/tokenizer.model",
                         seq_len=2048, micro_batch_size=8, grad_accum_steps=1, grad_clip=0.0, max_steps=400000,
                         lr=2e-4, min_lr=2e-5, warmup_steps=4000, eval_every=2000, ckpt_every=1000,
                         activation_checkpointing="full", optimizer_in_backward=True, loss_chunk=2048,
                         name="rodin-1b-3090"),
-    # RODIN-1B on B200s (one or a node under torchrun): 180 GiB needs no recomputation; global batch
-    # 512 x 2048 = 1 M tokens on one GPU (x8 under torchrun --nproc_per_node=8: lower grad_accum_steps).
+    # RODIN-1B on B200s (one or a node under torchrun): no recomputation; global batch 512 x 2048 =
+    # 1 M tokens on one GPU (x8 under torchrun --nproc_per_node=8: lower grad_accum_steps). Micro-batch
+    # 16: 32 would need 181 GiB without recomputation (bench/memory_estimate.py), 16 needs 104.
     "b200": TrainConfig(model=MODELS["rodin-1b"], data_dir="data/fr", tokenizer="data/fr/tokenizer.model",
-                        seq_len=2048, micro_batch_size=32, grad_accum_steps=16, max_steps=30000, lr=3e-4,
+                        seq_len=2048, micro_batch_size=16, grad_accum_steps=32, max_steps=30000, lr=3e-4,
                         min_lr=3e-5, warmup_steps=2000, eval_every=500, ckpt_every=250, loss_chunk=8192,
                         name="rodin-1b-b200"),
 }
