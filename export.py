@@ -15,7 +15,6 @@ Frozen decisions:
 """
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -24,38 +23,20 @@ from rodin import checkpoint, verify
 from rodin.config import config_from_dict
 from rodin.gguf_export import K_QUANTS, PYTHON_TYPES, ffn_warning, k_quantize, modelfile, pad_ffn, write_gguf
 from rodin.hf import DTYPES, write_hf
-from rodin.model import LLaMA
 from rodin.tokenizer import Tokenizer
 
 
 def load_run(path, tokenizer_path=None):
     """(model, tokenizer, meta, checkpoint path) of a run directory's newest complete checkpoint,
     or of a checkpoint directory itself."""
-    if os.path.exists(os.path.join(path, "trainer.json")):
-        ckpt, problem = path, checkpoint.verify(path)
-        if problem:
-            raise ValueError(f"{path}: incomplete or corrupt checkpoint: {problem}")
-    else:
-        ckpt = checkpoint.latest(path)
-        if ckpt is None:
-            raise ValueError(f"{path}: no complete checkpoint in {checkpoint.checkpoint_root(path)}; train first (make pretrain)")
-    meta = checkpoint.read_meta(ckpt)
-    cfg = config_from_dict(meta["config"])
-    tokenizer = Tokenizer(tokenizer_path or cfg.tokenizer)
+    model, meta, ckpt = checkpoint.load_model(path)
+    tokenizer = Tokenizer(tokenizer_path or meta["config"]["tokenizer"])
     if meta.get("tokenizer") and meta["tokenizer"] != tokenizer.fingerprint:
         raise ValueError(f"{tokenizer.path}: not the vocabulary {ckpt} was trained with (fingerprint {tokenizer.fingerprint}, "
                          f"checkpoint {meta['tokenizer']}); pass --tokenizer=the run's tokenizer.model")
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces do not fit the model's vocab_size={cfg.model.vocab_size}")
-    model = LLaMA(cfg.model)
-    try:
-        checkpoint.load(ckpt, model, restore_rng_state=False)
-    except Exception as e:  # safetensors raises its own error type on a damaged file
-        raise ValueError(f"{ckpt}/model.safetensors: unreadable weights ({str(e).splitlines()[0]}); export an older checkpoint") from None
-    for name, p in model.named_parameters():
-        if not math.isfinite(float(p.detach().abs().sum())):
-            raise ValueError(f"{ckpt}/model.safetensors: {name} holds NaN or infinite values; export an older checkpoint")
-    return model.eval(), tokenizer, meta, ckpt
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces do not fit the model's vocab_size={model.cfg.vocab_size}")
+    return model, tokenizer, meta, ckpt
 
 
 def main(argv=None):

@@ -15,7 +15,6 @@ import torch
 
 from rodin import chatml, checkpoint
 from rodin.device import pick_device
-from rodin.model import LLaMA, ModelConfig
 from rodin.tokenizer import Tokenizer
 
 
@@ -35,12 +34,8 @@ def open_chat_tokenizer(ckpt, meta, tokenizer_path=None):
 
 def load_chat_model(path, device="cpu", tokenizer_path=None):
     """(model in eval mode, tokenizer, checkpoint path) of a run or checkpoint directory."""
-    ckpt = checkpoint.resolve(path)
-    meta = checkpoint.read_meta(ckpt)
-    tokenizer = open_chat_tokenizer(ckpt, meta, tokenizer_path)
-    model = LLaMA(ModelConfig(**meta["config"]["model"])).to(device)
-    checkpoint.load(ckpt, model, restore_rng_state=False)
-    return model.eval(), tokenizer, ckpt
+    model, meta, ckpt = checkpoint.load_model(path, device)
+    return model, open_chat_tokenizer(ckpt, meta, tokenizer_path), ckpt
 
 
 class StreamDecoder:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from rodin.io import atomic_write_text, fsync_dir, fsync_file
+from rodin.model import LLaMA, ModelConfig
 
 MANIFEST = "MANIFEST.json"
 
@@ -263,6 +264,22 @@ def load(path, model, optimizer=None, restore_rng_state=True, keep_hyperparams=F
         if os.path.exists(os.path.join(path, name)):  # absent for new ranks when resharding to more processes
             restore_rng(load_file(os.path.join(path, name)))
     return meta
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, meta, checkpoint path) of a run directory's newest complete checkpoint
+    or of one checkpoint directory, for inference and export: its weights must read and be finite."""
+    ckpt = resolve(path)
+    meta = read_meta(ckpt)
+    model = LLaMA(ModelConfig(**meta["config"]["model"])).to(device)
+    try:
+        load(ckpt, model, restore_rng_state=False)
+    except Exception as e:  # safetensors raises its own error type on a damaged file
+        raise ValueError(f"{ckpt}/model.safetensors: unreadable weights ({str(e).splitlines()[0]}); use an older checkpoint") from None
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p.detach()).all():
+            raise ValueError(f"{ckpt}/model.safetensors: {name} holds NaN or infinite values; use an older checkpoint")
+    return model.eval(), meta, ckpt
 
 
 def load_dcp(path, model, optimizer=None):

@@ -41,7 +41,6 @@ def write_hf_dir(model, tokenizer, out_dir):
 def export_latest_checkpoint(run_dir):
     """The run's newest checkpoint as an HF directory in run_dir/eval/hf-step-N (made once)."""
     from rodin import checkpoint
-    from rodin.model import LLaMA, ModelConfig
     from rodin.tokenizer import Tokenizer
 
     ckpt = checkpoint.latest(run_dir)
@@ -50,8 +49,7 @@ def export_latest_checkpoint(run_dir):
     meta = checkpoint.read_meta(ckpt)
     out = os.path.join(run_dir, "eval", f"hf-step-{meta['step']:07d}")
     if not os.path.exists(os.path.join(out, "config.json")):
-        model = LLaMA(ModelConfig(**meta["config"]["model"]))
-        checkpoint.load(ckpt, model, restore_rng_state=False)
+        model, _, _ = checkpoint.load_model(ckpt)
         write_hf_dir(model, Tokenizer(meta["config"]["tokenizer"]), out)
     return out, f"step-{meta['step']:07d}"
 
