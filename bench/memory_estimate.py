@@ -15,8 +15,10 @@ Frozen decisions:
   on top, and torch.compile (on by default on a GPU) may save other activations. Hence the
   headroom figure against the cap, and the `gpu` test that compares this estimate with
   torch.cuda.max_memory_allocated on a real card.
-- One device: under torchrun FSDP2 divides parameters, gradients and optimizer state by the
-  world size (not estimated here).
+- One device. --world_size=N adds per_gpu_gib for FSDP2 under torchrun: weights, gradients and
+  moments divided by N, activations and temporaries whole; the one or two blocks FSDP gathers
+  at a time come on top (a faked FSDP2 run was tried: torch 2.13's FSDPMemTracker counted
+  whole optimizer moments on fake DTensors).
 """
 
 import argparse
@@ -78,6 +80,7 @@ def estimate(cfg):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cap_gib", type=float, default=24.0, help="the card's memory (RTX 3090/4090: 24)")
+    parser.add_argument("--world_size", type=int, default=1, help="FSDP2 over this many GPUs: adds per_gpu_gib")
     parser.add_argument("--quick", action="store_true", help="the `test` preset (for the test suite)")
     parser.add_argument("--results", default=None, help="append the figures here instead of bench/RESULTS.md")
     args, overrides = parser.parse_known_args(argv)
@@ -88,6 +91,11 @@ def main(argv=None):
                "checkpointing": cfg.activation_checkpointing, "optimizer_in_backward": cfg.optimizer_in_backward,
                "loss_chunk": cfg.loss_chunk, **{f"{k}_gib": v for k, v in gib.items()}, "cap_gib": args.cap_gib,
                "headroom_gib": args.cap_gib - gib["peak"]}
+    if args.world_size > 1:
+        sharded = (gib["params"] + gib["grads"] + gib["optimizer"]) / args.world_size
+        figures["world_size"] = args.world_size
+        figures["per_gpu_gib"] = sharded + gib["activations"] + gib["temporaries"]
+        figures["headroom_gib"] = args.cap_gib - figures["per_gpu_gib"]
     report("memory_estimate", figures, args.results)
     return figures
 

@@ -137,6 +137,15 @@ PRESETS = {
                         seq_len=2048, micro_batch_size=16, grad_accum_steps=32, max_steps=30000, lr=3e-4,
                         min_lr=3e-5, warmup_steps=2000, eval_every=500, ckpt_every=250, loss_chunk=8192,
                         name="rodin-1b-b200"),
+    # Lucie-7B's shape on one node of 8 80-GB GPUs (torchrun --nproc_per_node=8, FSDP2): 8 x 2 x 64 = 1024
+    # sequences of 4096 tokens a step, ramped up from 256 by 64 over ~10 M sequences as Lucie's was, ~3 T
+    # tokens in all. Selective recomputation: ~44 GiB per GPU (bench/memory_estimate.py: activations
+    # 25.4 + temporaries 4.6, plus an eighth of weights, gradients and moments, 12.5, plus gathered blocks).
+    "lucie-7b": TrainConfig(model=MODELS["lucie-7b"], data_dir="data/lucie", tokenizer="data/lucie/tokenizer.model",
+                            seq_len=4096, micro_batch_size=2, grad_accum_steps=64, max_steps=720000, lr=3e-4,
+                            min_lr=3e-5, warmup_steps=2000, rampup_start=256, rampup_increment=64, rampup_steps=16450,
+                            eval_every=1000, ckpt_every=500, activation_checkpointing="ops", loss_chunk=4096,
+                            name="lucie-7b"),
 }
 
 

@@ -81,6 +81,14 @@ def test_memory_estimate_counts_fp32_weights_two_adam_moments_and_what_each_save
     assert in_backward["peak"] < whole["peak"] - whole["params"] / 2
 
 
+def test_memory_estimate_under_fsdp_divides_weights_gradients_and_moments_by_the_world_size(tmp_path):
+    one = memory_estimate.main(["--quick", f"--results={tmp_path / 'R.md'}"])
+    four = memory_estimate.main(["--quick", "--world_size=4", f"--results={tmp_path / 'R.md'}"])
+    states = four["params_gib"] + four["grads_gib"] + four["optimizer_gib"]
+    assert four["per_gpu_gib"] == pytest.approx(states / 4 + four["activations_gib"] + four["temporaries_gib"])
+    assert four["per_gpu_gib"] < one["peak_gib"] and "per_gpu_gib" not in one
+
+
 @pytest.mark.gpu
 def test_memory_estimate_is_within_a_tenth_of_what_the_gpu_allocates():
     cfg = dataclasses.replace(PRESETS["3090"], model=dataclasses.replace(PRESETS["3090"].model, n_layers=4),

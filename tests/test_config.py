@@ -41,3 +41,17 @@ def test_every_preset_is_a_valid_train_config():
     for name, cfg in PRESETS.items():
         assert isinstance(cfg, TrainConfig), name
         assert cfg.seq_len <= cfg.model.max_seq_len, name
+
+
+def test_lucie_preset_ramps_256_to_1024_sequences_by_64_on_a_node_of_8():
+    from rodin.optim import batch_size_at
+
+    cfg = PRESETS["lucie-7b"]
+    per_micro_step = cfg.micro_batch_size * 8
+    full = per_micro_step * cfg.grad_accum_steps
+    assert full == 1024 and cfg.seq_len == cfg.model.max_seq_len == 4096
+    sizes = [batch_size_at(step, full, cfg.rampup_start, cfg.rampup_increment, cfg.rampup_steps) for step in range(cfg.max_steps)]
+    assert sizes[0] == 256 and sizes[-1] == 1024 and sorted(set(sizes)) == list(range(256, 1025, 64))
+    assert all(size % per_micro_step == 0 for size in set(sizes))  # whole micro-steps on every rank
+    assert sum(sizes[: cfg.rampup_steps]) == pytest.approx(10e6, rel=0.05)  # the ramp spans ~10 M sequences
+    assert sum(sizes) * cfg.seq_len == pytest.approx(3e12, rel=0.02)  # ~3 T tokens, as Lucie-7B
