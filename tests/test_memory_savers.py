@@ -59,3 +59,10 @@ def test_optimizer_in_backward_refuses_what_it_cannot_do():
         train.parse_args(["--preset=test", "--optimizer_in_backward=true", "--grad_accum_steps=2"])
     with pytest.raises(ValueError, match="grad_clip=0"):
         train.parse_args(["--preset=test", "--optimizer_in_backward=true"])
+
+
+def test_under_bf16_autocast_recomputed_blocks_without_the_weight_cast_cache_give_the_plain_losses(demo_data, tmp_path):
+    # as on a GPU: bf16 autocast, where recomputation also turns off autocast's cache of bf16 weights
+    plain = losses(demo_data, tmp_path / "plain", "--dtype=bf16")
+    recomputed = losses(demo_data, tmp_path / "recomputed", "--dtype=bf16", "--activation_checkpointing=full")
+    assert recomputed == pytest.approx(plain, rel=1e-5)
