@@ -110,15 +110,6 @@ def shard(model, device):
     return model
 
 
-def any_rank(flag, device):
-    """True on every rank if it is true on any rank (one tiny all-reduce)."""
-    if not dist.is_initialized():
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def sum_over_ranks(values, device):
     """Element-wise sums over ranks of a list of Python numbers (float64: token counts stay exact)."""
     if not dist.is_initialized():

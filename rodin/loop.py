@@ -141,9 +141,11 @@ def run_steps(cfg, state, *, model, optimizer, next_batch, device, amp, loss_fn,
         step_tokens[0] = 0
         step_loss, grad_norm = train_step(model, optimizer, counted_batch, sequences // per_micro_step, cfg.grad_clip,
                                           device, amp, loss_fn)
-        state["tokens_seen"] += int(distributed.sum_over_ranks(step_tokens, device)[0])
+        # one all-reduce a step: every rank's tokens, and whether any rank got a stop signal
+        tokens, stop_votes = distributed.sum_over_ranks([step_tokens[0], float(bool(stop))], device)
+        state["tokens_seen"] += int(tokens)
         step = state["step"] = step + 1
-        stopping = distributed.any_rank(bool(stop), device)  # every rank stops at the same step
+        stopping = stop_votes > 0  # so every rank stops at the same step
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             loss = distributed.mean_over_ranks(float(step_loss), device)
