@@ -110,9 +110,7 @@ def train(cfg, device, notifier):
     loss_fn = make_loss_fn(cfg.loss_chunk)
     step, tokens_seen = 0, 0
     if ckpt is not None:
-        checkpoint.load(ckpt, model, optimizer)
-        batches.load_state_dict(meta["data"])
-        step, tokens_seen = meta["step"], meta["tokens_seen"]
+        step, tokens_seen = checkpoint.resume(ckpt, meta, model, optimizer, batches)
         say(f"resuming from {ckpt} (step {step}, {tokens_seen:,} tokens{', ' + note if note else ''})")
     elif cfg.init_from:
         source = checkpoint.resolve(cfg.init_from)

@@ -266,6 +266,14 @@ def load(path, model, optimizer=None, restore_rng_state=True, keep_hyperparams=F
     return meta
 
 
+def resume(path, meta, model, optimizer, data):
+    """Continue a run from its checkpoint: weights, optimizer and RNG states, and the data cursor
+    (data.load_state_dict). Returns (step, tokens_seen)."""
+    load(path, model, optimizer)
+    data.load_state_dict(meta["data"])
+    return meta["step"], meta["tokens_seen"]
+
+
 def load_model(path, device="cpu"):
     """(model in eval mode, meta, checkpoint path) of a run directory's newest complete checkpoint
     or of one checkpoint directory, for inference and export: its weights must read and be finite."""
