@@ -23,6 +23,7 @@ from rodin import checkpoint, distributed
 from rodin.chat import chat_reply, open_chat_tokenizer
 from rodin.config import SFT_PRESETS, config_to_dict, parse_args, save_config
 from rodin.data import TrainBatches, eval_batches
+from rodin.lifeline import Lifeline
 from rodin.device import autocast, peak_flops
 from rodin.loop import evaluate, run_steps
 from rodin.loss import make_loss_fn
@@ -36,7 +37,7 @@ N_SAMPLES = 3  # held-out questions answered in samples.md at the end
 
 def refuse_pretraining_only_options(cfg):
     """Options of TrainConfig that sft.py does not implement yet: refused, never silently ignored."""
-    unsupported = {"rampup_start": 0, "mirror": "", "notify": "", "init_optimizer": True}
+    unsupported = {"rampup_start": 0, "init_optimizer": True}
     set_ = [f"--{k}" for k, default in unsupported.items() if getattr(cfg, k) != default]
     if set_:
         raise ValueError(f"sft.py does not support {', '.join(set_)} yet (train.py does); drop them")
@@ -49,16 +50,20 @@ def main(argv):
     refuse_pretraining_only_options(cfg)
     device = distributed.setup(cfg.device)
     try:
-        return finetune(cfg, device)
+        with Lifeline(cfg, os.path.join(cfg.out_dir, cfg.name)) as lifeline:
+            return finetune(cfg, device, lifeline)
     finally:
         distributed.teardown()
 
 
-def finetune(cfg, device):
+def finetune(cfg, device, lifeline):
     run_dir = os.path.join(cfg.out_dir, cfg.name)
     rank, world = distributed.rank(), distributed.world_size()
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
+    restored = lifeline.restore()
+    if restored:
+        say(restored)
     # a run that has a checkpoint resumes from it and no longer needs init_from
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
@@ -121,13 +126,16 @@ def finetune(cfg, device):
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "data_fingerprint": train_rows.fingerprint(),
                 "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "world_size": world}
-        return checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints)
+        path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints)
+        lifeline.checkpointed(path, state["step"])
+        return path
 
     def run_eval():
         # each rank its share of the same held-out rows; evaluate weighs every rank's tokens
         mine = eval_batches(val_rows, cfg.micro_batch_size, cfg.eval_batches, rank, world)
         return {"val_loss": evaluate(model, mine, device, amp, loss_fn)}
 
+    lifeline.send("start", step=step, max_steps=cfg.max_steps, world_size=world)
     loss, stopped = run_steps(
         cfg, state, model=model, optimizer=optimizer, next_batch=batches.next, device=device, amp=amp, loss_fn=loss_fn,
         run_eval=run_eval, save_checkpoint=save_checkpoint, log=log,
@@ -135,13 +143,16 @@ def finetune(cfg, device):
         tokens_in=lambda batch: int((batch[0] != pad_id).sum()),  # padding is not data
         flops_per_token=model.flops_per_token(cfg.seq_len), peak=peak_flops(device))
     step = state["step"]
+    lifeline.wait_for_uploads()
     if stopped:
         say(f"{stopped}: checkpoint written at step {step}; relaunch the same command to resume")
+        lifeline.send("paused" if stopped == "stop_at_step" else "preempted", step=step, reason=stopped)
         if is_main:
             log.finish()
         return 0
     questions = [m for _, m in val_convs if is_trainable(m) and any(t["role"] == "user" for t in m)][:N_SAMPLES]
     samples = held_out_replies(model, tokenizer, questions, cfg.sample_tokens)  # all ranks: FSDP needs them in each forward
+    lifeline.send("finish", step=step, loss=loss)
     if not is_main:
         return 0
     log.write_samples(step, samples)

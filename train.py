@@ -27,8 +27,7 @@ from rodin.device import autocast, peak_flops
 from rodin.loop import evaluate, run_steps, sample_texts
 from rodin.loss import make_loss_fn
 from rodin.metrics import bytes_per_token, loss_to_bpb, token_byte_lengths
-from rodin.mirror import Mirror
-from rodin.notify import Notifier
+from rodin.lifeline import Lifeline
 from rodin.optim import batch_size_at, make_optimizer
 from rodin.runlog import RunLog
 from rodin.tokenizer import Tokenizer
@@ -62,18 +61,14 @@ def check_phase_source(path, meta, cfg, tokenizer):
 def main(argv):
     cfg = parse_args(argv)
     device = distributed.setup(cfg.device)
-    notifier = Notifier(cfg.notify if distributed.is_main() else "", cfg.name)
     try:
-        return train(cfg, device, notifier)
-    except BaseException as e:
-        notifier.send("crash", error=f"{type(e).__name__}: {e}")
-        raise
+        with Lifeline(cfg, os.path.join(cfg.out_dir, cfg.name)) as lifeline:
+            return train(cfg, device, lifeline)
     finally:
-        notifier.close()
         distributed.teardown()
 
 
-def train(cfg, device, notifier):
+def train(cfg, device, lifeline):
     run_dir = os.path.join(cfg.out_dir, cfg.name)
     rank, world = distributed.rank(), distributed.world_size()
     is_main = rank == 0
@@ -94,12 +89,9 @@ def train(cfg, device, notifier):
                          f"multiples of micro_batch_size x world size = {per_micro_step}, and rampup_start below the "
                          f"global batch {full_batch}")
 
-    mirror = Mirror(cfg.mirror, cfg.keep_checkpoints) if cfg.mirror and is_main else None
-    if mirror is not None and checkpoint.latest(run_dir) is None:
-        restored = mirror.restore_latest(run_dir)  # a fresh machine: the local disk died with the last one
-        if restored:
-            say(f"restored {restored} from the mirror {cfg.mirror}")
-    distributed.barrier()
+    restored = lifeline.restore()
+    if restored:
+        say(restored)
     ckpt = checkpoint.latest(run_dir)
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
@@ -137,9 +129,7 @@ def train(cfg, device, notifier):
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "config": config_to_dict(cfg),
                 "tokenizer": tokenizer.fingerprint, "world_size": world}
         path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints)
-        notifier.send("checkpoint", step=state["step"], path=path)
-        if mirror is not None:
-            mirror.submit(path, on_done=lambda remote, step=state["step"]: notifier.send("mirrored", step=step, url=remote))
+        lifeline.checkpointed(path, state["step"])
         return path
 
     # the held-out batches are fixed, so their bytes per token is too: val_bpb = val_loss / (ln 2 * it)
@@ -157,24 +147,22 @@ def train(cfg, device, notifier):
         if is_main:
             log.write_samples(step, samples)
 
-    notifier.send("start", step=step, max_steps=cfg.max_steps, world_size=world)
+    lifeline.send("start", step=step, max_steps=cfg.max_steps, world_size=world)
     loss, stopped = run_steps(
         cfg, state, model=model, optimizer=optimizer, next_batch=batches.next, device=device, amp=amp,
         loss_fn=loss_fn, run_eval=run_eval, save_checkpoint=save_checkpoint, log=log,
         sequences_at=lambda step: batch_size_at(step, full_batch, cfg.rampup_start, cfg.rampup_increment, cfg.rampup_steps),
         tokens_in=lambda batch: batch[0].numel(), flops_per_token=flops_per_token, peak=peak, sample=sample)
     step = state["step"]
-    if mirror is not None:
-        say(f"waiting for the upload to {cfg.mirror}")
-        mirror.close()
+    lifeline.wait_for_uploads()
     if stopped:
         say(f"{stopped}: checkpoint written at step {step}; relaunch the same command to resume")
-        notifier.send("paused" if stopped == "stop_at_step" else "preempted", step=step, reason=stopped)
+        lifeline.send("paused" if stopped == "stop_at_step" else "preempted", step=step, reason=stopped)
         if is_main:
             log.finish()
         return 0
     samples = sample_texts(model, tokenizer, cfg.sample_tokens)
-    notifier.send("finish", step=step, loss=loss)
+    lifeline.send("finish", step=step, loss=loss)
     if is_main:
         log.write_samples(step, samples)
         log.finish()

@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -177,8 +178,8 @@ def test_sft_options_belong_to_sft_presets_and_the_model_comes_from_init_from():
         parse_args(["--pack=false"])
     with pytest.raises(ValueError, match="model shape from --init_from"):
         sft.main(["--model.n_layers=3"])
-    with pytest.raises(ValueError, match="sft.py does not support --mirror"):
-        sft.main(["--mirror=file:///tmp/x"])
+    with pytest.raises(ValueError, match="sft.py does not support --rampup_start"):
+        sft.main(["--rampup_start=8"])
 
 
 # ---- the make-sft path on a tiny model ------------------------------------------------------
@@ -234,6 +235,24 @@ def test_resumed_sft_is_bit_identical_to_an_uninterrupted_one(pretrained, tmp_pa
     assert losses(straight) == losses(resumed)
     with pytest.raises(ValueError, match="started on other SFT rows"):
         run_sft(pretrained, tmp_path / "b", data, "--max_steps=9", "--val_fraction=0.3")
+
+
+def test_sft_on_a_spot_machine_is_mirrored_announced_and_restored_from_the_mirror(pretrained, tmp_path, webhook, capsys):
+    url, received = webhook
+    data = write_jsonl(tmp_path / "littre.jsonl", littre_slice(60))
+    mirror = tmp_path / "bucket"
+    spot = ("--val_fraction=0.2", "--ckpt_every=3", f"--mirror={mirror}", f"--notify={url}")
+    run_dir = run_sft(pretrained, tmp_path / "a", data, "--max_steps=6", "--stop_at_step=3", *spot)
+    assert (mirror / "step-0000003" / "MANIFEST.json").exists()
+    events = [r["event"] for r in received]
+    assert events[0] == "start" and {"checkpoint", "mirrored", "paused"} <= set(events)
+    shutil.rmtree(run_dir)  # the machine is gone, and its disk with it
+    capsys.readouterr()
+    resumed = run_sft(pretrained, tmp_path / "a", data, "--max_steps=6", *spot)
+    assert "restored" in capsys.readouterr().out and received[-1]["event"] == "finish"
+    straight = run_sft(pretrained, tmp_path / "b", data, "--max_steps=6", "--val_fraction=0.2", "--ckpt_every=3")
+    steps = lambda run: [(r["step"], r.get("loss")) for r in metrics(run) if r["step"] > 3]  # noqa: E731
+    assert steps(resumed) == steps(straight)
 
 
 def sft_torchrun(pretrained, out_dir, data, *args):
