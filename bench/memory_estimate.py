@@ -60,14 +60,15 @@ def estimate(cfg):
         # ids are never read by a fake embedding: zeros are as good as a batch
         tokens = torch.zeros((cfg.micro_batch_size, cfg.seq_len), dtype=torch.long)
         amp = autocast(device, "bf16", cache=cfg.activation_checkpointing == "none")  # as train.py on a GPU
-        warnings.filterwarnings("ignore", message="Expected a tensor")  # MemTracker meets checkpoint's None outputs
         tracker = MemTracker()
         tracker.track_external(model)
-        with tracker:
-            def next_batch():
-                tracker.reset_mod_stats()  # per-module figures are one forward's; the overall peak stays
-                return tokens, tokens
 
+        def next_batch():
+            tracker.reset_mod_stats()  # per-module figures are one forward's; the overall peak stays
+            return tokens, tokens
+
+        with tracker, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Expected a tensor")  # MemTracker meets checkpoint's None outputs
             for _ in range(2):
                 train_step(model, optimizer, next_batch, cfg.grad_accum_steps, cfg.grad_clip, device, amp,
                            make_loss_fn(cfg.loss_chunk))
