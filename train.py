@@ -22,7 +22,7 @@ import sys
 
 from rodin import checkpoint, distributed
 from rodin.config import config_to_dict, parse_args, save_config
-from rodin.data import TrainBatches, Windows, eval_batches, find_shards
+from rodin.data import TrainBatches, Windows, eval_batches, find_shards, held_out_sets
 from rodin.device import autocast, peak_flops
 from rodin.loop import evaluate, run_steps, sample_texts
 from rodin.loss import make_loss_fn
@@ -132,15 +132,28 @@ def train(cfg, device, lifeline):
         lifeline.checkpointed(path, state["step"])
         return path
 
-    # the held-out batches are fixed, so their bytes per token is too: val_bpb = val_loss / (ln 2 * it)
-    val_bytes_per_token = bytes_per_token(eval_batches(val_windows, cfg.micro_batch_size, cfg.eval_batches),
-                                          token_byte_lengths(tokenizer))
+    # held-out windows of each source; they are fixed, so are their bytes per token: bpb = loss / (ln 2 * it)
+    held_out = held_out_sets(val_windows, cfg.eval_batches)
+    byte_lengths = token_byte_lengths(tokenizer)
+    tokens_and_bytes = {}
+    for name, (windows, n_batches) in held_out.items():
+        batches_ = list(eval_batches(windows, cfg.micro_batch_size * world, n_batches))  # what all ranks evaluate
+        n_tokens = sum(targets.numel() for _, targets in batches_)
+        tokens_and_bytes[name] = (n_tokens, n_tokens * bytes_per_token(batches_, byte_lengths))
 
     def run_eval():
-        # each rank its share of the same held-out windows; evaluate weighs every rank's tokens
-        mine = eval_batches(val_windows, cfg.micro_batch_size, cfg.eval_batches, rank, world)
-        val_loss = evaluate(model, mine, device, amp, loss_fn)
-        return {"val_loss": val_loss, "val_bpb": loss_to_bpb(val_loss, val_bytes_per_token)}
+        record, nats, n_bytes = {}, 0.0, 0.0
+        for name, (windows, n_batches) in held_out.items():
+            # each rank its share of the same held-out windows; evaluate weighs every rank's tokens
+            mine = eval_batches(windows, cfg.micro_batch_size, n_batches, rank, world)
+            val_loss = evaluate(model, mine, device, amp, loss_fn)
+            n_tokens, bytes_ = tokens_and_bytes[name]
+            nats, n_bytes = nats + val_loss * n_tokens, n_bytes + bytes_
+            if name:
+                record[f"val_loss/{name}"], record[f"val_bpb/{name}"] = val_loss, loss_to_bpb(val_loss, bytes_ / n_tokens)
+        total_tokens = sum(n for n, _ in tokens_and_bytes.values())
+        # over all sources: the mean loss per held-out token, and bits per held-out byte
+        return {"val_loss": nats / total_tokens, "val_bpb": loss_to_bpb(nats / total_tokens, n_bytes / total_tokens), **record}
 
     def sample(step):
         samples = sample_texts(model, tokenizer, cfg.sample_tokens)  # all ranks: FSDP needs them in each forward

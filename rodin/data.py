@@ -8,6 +8,7 @@ the r-th slice, so the global batch is the same for any world size.
 """
 
 import glob
+import json
 import os
 
 import numpy as np
@@ -27,7 +28,7 @@ class Windows:
     """All windows of seq_len + 1 tokens of a list of shards, addressed by one global index."""
 
     def __init__(self, paths, seq_len, tokenizer_fingerprint=None):
-        self.seq_len = seq_len
+        self.paths, self.seq_len = [str(p) for p in paths], seq_len
         self.shards = [open_shard(p, tokenizer_fingerprint)[1] for p in paths]
         counts = [max(0, (len(s) - 1) // seq_len) for s in self.shards]
         self.starts = np.cumsum([0] + counts)
@@ -45,6 +46,42 @@ class Windows:
             rows.append(np.asarray(self.shards[shard][offset : offset + self.seq_len + 1], dtype=np.int64))
         batch = torch.from_numpy(np.stack(rows))
         return batch[:, :-1], batch[:, 1:]
+
+
+    def sources(self):
+        """{source: indices of its windows}, each window counted for the source of its first token,
+        from the <shard>.idx.json that data/encode.py writes beside each shard; {} if one is missing."""
+        by_source = {}
+        for shard, path in enumerate(self.paths):
+            index = path[: -len(".bin")] + ".idx.json"
+            if not os.path.exists(index):
+                return {}
+            try:
+                with open(index, encoding="utf-8") as f:
+                    ranges = json.load(f)["ranges"]
+                range_starts = np.array([int(start) for start, _, _ in ranges])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: not a shard index of (start, end, source) ranges ({e})") from None
+            first_tokens = np.arange(self.starts[shard + 1] - self.starts[shard]) * self.seq_len
+            which = np.searchsorted(range_starts, first_tokens, side="right") - 1
+            for k, (_, _, source) in enumerate(ranges):
+                windows = np.nonzero(which == k)[0] + self.starts[shard]
+                if len(windows):
+                    by_source.setdefault(source, []).append(windows)
+        return {source: np.concatenate(parts) for source, parts in by_source.items()}
+
+
+class WindowSubset:
+    """Some windows of a Windows, renumbered from 0 (e.g. the held-out windows of one source)."""
+
+    def __init__(self, windows, indices):
+        self.windows, self.indices, self.seq_len = windows, np.asarray(indices), windows.seq_len
+
+    def __len__(self):
+        return len(self.indices)
+
+    def get(self, indices):
+        return self.windows.get(self.indices[np.asarray(indices, dtype=np.int64)])
 
 
 class TrainBatches:
@@ -82,6 +119,17 @@ class TrainBatches:
             raise ValueError(f"checkpoint data cursor is for {state['n_windows']} windows of {state['seq_len']} tokens, "
                              f"the data now has {len(self.windows)} of {self.windows.seq_len}: same data and seq_len needed to resume")
         self.seed, self.epoch, self.index = state["seed"], state["epoch"], state["index"]
+
+
+def held_out_sets(windows, n_batches):
+    """{name: (windows, n_batches)} to evaluate: one per source when the shards' index names several
+    (each its share of n_batches, at least one), else {"": all of them}. The first windows in
+    order would otherwise all come from whichever source was encoded first."""
+    sources = windows.sources()
+    if len(sources) < 2:
+        return {"": (windows, n_batches)}
+    share = max(1, n_batches // len(sources))
+    return {name: (WindowSubset(windows, indices), share) for name, indices in sorted(sources.items())}
 
 
 def eval_batches(windows, batch_size, n_batches, rank=0, world_size=1):

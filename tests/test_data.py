@@ -1,10 +1,12 @@
 """rodin/data.py: shuffled windows whose order is restored from a two-integer cursor."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
-from rodin.data import TrainBatches, Windows, eval_batches
+from rodin.data import TrainBatches, Windows, eval_batches, held_out_sets
 from rodin.shards import ShardWriter
 
 
@@ -61,3 +63,28 @@ def test_evaluation_batches_are_the_same_every_time(windows):
     a = [x for x, _ in eval_batches(windows, 8, 3)]
     b = [x for x, _ in eval_batches(windows, 8, 3)]
     assert len(a) == 3 and all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def write_index(shard_path, ranges):
+    with open(str(shard_path)[: -len(".bin")] + ".idx.json", "w") as f:
+        json.dump({"shard": shard_path.name, "ranges": ranges}, f)
+
+
+def test_held_out_windows_are_split_by_the_source_of_their_first_token(windows, tmp_path):
+    assert held_out_sets(windows, 4) == {"": (windows, 4)}  # no index beside the shards: one held-out set
+    write_index(tmp_path / "train-0.bin", [[0, 500, "wiki"], [500, 1000, "books"]])
+    write_index(tmp_path / "train-1.bin", [[0, 513, "wiki"]])
+    sources = windows.sources()
+    # shard 0: windows 0..31 start at 0, 16, ..., 496 (wiki), 32..61 at 512.. (books); shard 1: all wiki
+    assert sorted(sources) == ["books", "wiki"]
+    assert list(sources["books"]) == list(range(32, 62))
+    assert list(sources["wiki"]) == list(range(0, 32)) + list(range(62, len(windows)))
+    sets = held_out_sets(windows, 4)
+    books, n_batches = sets["books"]
+    assert n_batches == 2 and len(books) == 30
+    x, _ = books.get([0])
+    assert x[0, 0] == 512  # the first books window of shard 0
+    with open(tmp_path / "train-1.idx.json", "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match="train-1.idx.json: not a shard index"):
+        windows.sources()

@@ -126,3 +126,25 @@ def test_sigkill_at_a_random_step_loses_only_the_steps_since_the_last_checkpoint
     a = load_file(os.path.join(checkpoint.latest(straight), "model.safetensors"))
     b = load_file(os.path.join(checkpoint.latest(resumed), "model.safetensors"))
     assert all(a[k].equal(b[k]) for k in a), f"killed at step {logged}: the finished run differs from a straight one"
+
+
+def test_held_out_loss_and_bpb_are_reported_for_each_source_and_over_all(demo_data, corpus_slice, tmp_path):
+    from data import encode
+
+    with open(corpus_slice, encoding="utf-8") as f:
+        lines = f.readlines()
+    (tmp_path / "first.txt").write_text("".join(lines[:3000]), encoding="utf-8")
+    (tmp_path / "second.txt").write_text("".join(lines[3000:]), encoding="utf-8")
+    shards = tmp_path / "shards"
+    encode.main([str(tmp_path / "first.txt"), str(tmp_path / "second.txt"), f"--tokenizer={demo_data['tokenizer']}",
+                 f"--out_dir={shards}", "--workers=1", "--val_fraction=0.1"])
+    argv = ["--preset=test", f"--data_dir={shards}", f"--tokenizer={demo_data['tokenizer']}", f"--out_dir={tmp_path}",
+            "--name=run", "--max_steps=4", "--eval_every=2", "--eval_batches=4"]
+    assert train.main(argv) == 0
+    evals = [r for r in metrics(tmp_path / "run") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        per_source = [r["val_loss/first.txt"], r["val_loss/second.txt"]]
+        # each source evaluates the same number of windows, so the overall loss is their mean
+        assert r["val_loss"] == pytest.approx(sum(per_source) / 2)
+        assert min(r["val_bpb/first.txt"], r["val_bpb/second.txt"]) <= r["val_bpb"] <= max(r["val_bpb/first.txt"], r["val_bpb/second.txt"])
