@@ -171,8 +171,11 @@ def make_report(run_dirs, out_dir):
     images = [("Loss", plot(runs, [("loss", "train", "-"), ("val_loss", "val", "o--")], "loss (nats/token)",
                                  os.path.join(out_dir, "loss.png")))]
     if has(runs, "val_bpb"):
-        images.append(("Validation bits per byte", plot(runs, [("val_bpb", "val", "o-")], "bits per byte",
-                                                         os.path.join(out_dir, "bpb.png"))))
+        # the held-out set of each source, when train.py measured them apart (val_bpb/SOURCE)
+        sources = sorted({k for run in runs for r in run["records"] for k in r if k.startswith("val_bpb/")})
+        styles = ["s--", "^:", "v-.", "d--", "x:", "+-."]
+        keys = [("val_bpb", "val", "o-")] + [(k, k.split("/", 1)[1], styles[i % len(styles)]) for i, k in enumerate(sources)]
+        images.append(("Validation bits per byte", plot(runs, keys, "bits per byte", os.path.join(out_dir, "bpb.png"))))
     if has(runs, "tokens_per_s"):
         images.append(("Throughput", plot(runs, [("tokens_per_s", "", "-")], "tokens/s",
                                           os.path.join(out_dir, "throughput.png"))))

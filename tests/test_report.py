@@ -47,3 +47,22 @@ def test_report_of_two_runs_draws_their_curves_and_tabulates_loss_speed_and_eval
 def test_report_of_a_directory_that_is_not_a_run_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         main([str(tmp_path), f"--out={tmp_path / 'r'}"])
+
+
+def test_bits_per_byte_of_each_source_are_drawn_beside_the_overall_one(tmp_path, monkeypatch):
+    import rodin.report
+
+    run = tmp_path / "mixed"
+    run.mkdir()
+    records = [{"step": s, "val_loss": 4.0, "val_bpb": 2.0, "val_bpb/wiki": 1.8, "val_bpb/legi": 2.2} for s in (0, 5)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    drawn, real_plot = {}, rodin.report.plot
+
+    def recording_plot(runs, keys, ylabel, path, **kwargs):
+        drawn[ylabel] = keys
+        return real_plot(runs, keys, ylabel, path, **kwargs)
+
+    monkeypatch.setattr(rodin.report, "plot", recording_plot)
+    assert main([str(run), f"--out={tmp_path / 'report'}"]) == 0
+    assert [label for _, label, _ in drawn["bits per byte"]] == ["val", "legi", "wiki"]
+    assert (tmp_path / "report" / "bpb.png").read_bytes()[:8] == PNG_MAGIC
