@@ -30,7 +30,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
 TASKS ?= french_bench
 
-.PHONY: install data pretrain resume spot sft chat test export eval clean
+.PHONY: install data pretrain resume spot sft chat test export eval bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,15 @@ test: install
 export: install
 	$(PY) export.py $(RUN) --format=hf $(ARGS)
 	$(PY) export.py $(RUN) --format=gguf $(ARGS)
+
+# on a CUDA machine: the `gpu` tests, then the GPU figures appended to bench/RESULTS.md (MFU and peak
+# memory of rodin-1b at context 2048, the same under a 24 GiB cap, compiled); each runs even if one fails
+bench-gpu: install
+	-$(PY) -m pytest -q -m gpu tests
+	-$(PY) bench/train_throughput.py
+	-$(PY) bench/train_throughput.py --memory_cap_gib=24 --batch=1
+	-$(PY) bench/train_throughput.py --compile=rodin
+	-$(PY) bench/memory_estimate.py --preset=3090
 
 eval: install
 	$(PY) -m rodin.eval $(RUN) --tasks=$(TASKS) --num_fewshot=3 $(ARGS)
