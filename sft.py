@@ -28,7 +28,7 @@ from rodin.device import autocast, peak_flops
 from rodin.loop import evaluate, run_steps
 from rodin.loss import make_loss_fn
 from rodin.model import ModelConfig
-from rodin.optim import make_optimizer
+from rodin.optim import optimizer_for
 from rodin.runlog import RunLog
 from rodin.sft_data import Rows, is_trainable, make_examples, read_conversations, shuffled, split_conversations
 
@@ -105,7 +105,7 @@ def finetune(cfg, device, lifeline):
         note = check_resumable(ckpt, meta, cfg, tokenizer, train_rows, global_batch)
     # no initial weights to draw: init_from or the run's own checkpoint is loaded into the model
     model = distributed.build_model(cfg, device, init_weights=False)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), in_backward=cfg.optimizer_in_backward)
+    optimizer = optimizer_for(model, cfg)
     loss_fn = make_loss_fn(cfg.loss_chunk)
     step, tokens_seen = 0, 0
     if ckpt is not None:
@@ -173,6 +173,8 @@ def check_resumable(ckpt_path, meta, cfg, tokenizer, rows, global_batch):
                          "fine-tune into another --name")
     if meta["tokenizer"] != tokenizer.fingerprint:
         raise ValueError(f"{ckpt_path}: trained with tokenizer {meta['tokenizer']}, not {tokenizer.path} ({tokenizer.fingerprint})")
+    checkpoint.check_optimizer(ckpt_path, meta, cfg.optimizer, f"resume with --optimizer={checkpoint.optimizer_name(meta)}, "
+                               "or fine-tune into another --name")
     if meta.get("data_fingerprint") != rows.fingerprint():
         raise ValueError(f"{ckpt_path}: started on other SFT rows (data, seq_len, pack, truncate or seed differ); "
                          "resume with the same settings, or use another --name")

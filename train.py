@@ -28,7 +28,7 @@ from rodin.loop import evaluate, run_steps, sample_texts
 from rodin.loss import make_loss_fn
 from rodin.metrics import bytes_per_token, loss_to_bpb, token_byte_lengths
 from rodin.lifeline import Lifeline
-from rodin.optim import batch_size_at, make_optimizer
+from rodin.optim import batch_size_at, optimizer_for
 from rodin.runlog import RunLog
 from rodin.tokenizer import Tokenizer
 
@@ -43,6 +43,8 @@ def check_resumable(ckpt_path, meta, cfg, tokenizer, global_batch):
                          f"{dataclasses.asdict(cfg.model)}; use another --name, or the same model settings")
     if meta["tokenizer"] != tokenizer.fingerprint:
         raise ValueError(f"{ckpt_path}: trained with tokenizer {meta['tokenizer']}, not {cfg.tokenizer} ({tokenizer.fingerprint})")
+    checkpoint.check_optimizer(ckpt_path, meta, cfg.optimizer, f"resume with --optimizer={checkpoint.optimizer_name(meta)}, "
+                               f"or start a new run from its weights: --init_from={ckpt_path} --init_optimizer=false")
     return checkpoint.check_world_size(ckpt_path, meta, global_batch,
                                        new_run=f"--init_from={ckpt_path} --init_optimizer=false")
 
@@ -56,6 +58,9 @@ def check_phase_source(path, meta, cfg, tokenizer):
                          f"this run also changes {', '.join(changed)}")
     if meta["tokenizer"] != tokenizer.fingerprint:
         raise ValueError(f"{path}: trained with tokenizer {meta['tokenizer']}, not {cfg.tokenizer} ({tokenizer.fingerprint})")
+    if cfg.init_optimizer:
+        checkpoint.check_optimizer(path, meta, cfg.optimizer, "take its weights alone with --init_optimizer=false, "
+                                   f"or its optimizer state with --optimizer={checkpoint.optimizer_name(meta)}")
 
 
 def main(argv):
@@ -98,7 +103,7 @@ def train(cfg, device, lifeline):
         note = check_resumable(ckpt, meta, cfg, tokenizer, full_batch)
     # the initial weights are drawn only if no checkpoint overwrites them
     model = distributed.build_model(cfg, device, init_weights=ckpt is None and not cfg.init_from)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), in_backward=cfg.optimizer_in_backward)
+    optimizer = optimizer_for(model, cfg)
     loss_fn = make_loss_fn(cfg.loss_chunk)
     step, tokens_seen = 0, 0
     if ckpt is not None:

@@ -38,7 +38,7 @@ from rodin.device import autocast  # noqa: E402
 from rodin.loop import train_step  # noqa: E402
 from rodin.loss import make_loss_fn  # noqa: E402
 from rodin.model import LLaMA  # noqa: E402
-from rodin.optim import make_optimizer  # noqa: E402
+from rodin.optim import optimizer_for  # noqa: E402
 
 GIB = 2**30
 KINDS = {"Parameter": "params", "Gradient": "grads", "Optstate": "optimizer", "Activation": "activations", "Temp": "temporaries"}
@@ -55,8 +55,7 @@ def estimate(cfg):
     with FakeTensorMode():
         model = LLaMA(cfg.model)
         activation_checkpoint.apply(model, cfg.activation_checkpointing)
-        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=True,
-                                   in_backward=cfg.optimizer_in_backward)
+        optimizer = optimizer_for(model, cfg, fused=True)
         # ids are never read by a fake embedding: zeros are as good as a batch
         tokens = torch.zeros((cfg.micro_batch_size, cfg.seq_len), dtype=torch.long)
         amp = autocast(device, "bf16", cache=cfg.activation_checkpointing == "none")  # as train.py on a GPU

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from rodin.io import atomic_write_text, fsync_dir, fsync_file
 from rodin.model import LLaMA, ModelConfig
+from rodin.optim import parts
 
 MANIFEST = "MANIFEST.json"
 
@@ -137,7 +138,7 @@ def save_sharded(run_dir, step, model, optimizer, meta, keep):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, parts(optimizer))
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     save_file(rng_tensors(), os.path.join(tmp, f"rng-rank{rank}.safetensors"))
     if rank == 0:
@@ -229,6 +230,22 @@ def check_world_size(path, meta, global_batch, new_run):
     return f"resharded from {saved_world} to {world} process(es)"
 
 
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def optimizer_name(meta):
+    """The optimizer a checkpoint's state belongs to (checkpoints before Muon: AdamW's)."""
+    return meta["config"].get("optimizer", "adamw")
+
+
+def check_optimizer(path, meta, optimizer, fix):
+    """Refuse an optimizer state of another optimizer than this run's: fix says what to do instead."""
+    saved = optimizer_name(meta)
+    if saved != optimizer:
+        raise ValueError(f"{path}: holds {saved}'s optimizer state, this run uses --optimizer={optimizer}; {fix}")
+
+
 def read_meta(path):
     with open(os.path.join(path, "trainer.json")) as f:
         return json.load(f)
@@ -254,7 +271,12 @@ def load(path, model, optimizer=None, restore_rng_state=True, keep_hyperparams=F
                 raise ValueError(f"{path}: a single-process optimizer state cannot be loaded under torchrun; "
                                  "start the phase with --init_optimizer=false, or from a checkpoint written under torchrun")
             device = str(next(iter(model.parameters())).device)
-            load_optimizer_tensors(optimizer, load_file(os.path.join(path, "optimizer.safetensors"), device=device), meta["optimizer_param_groups"])
+            file = os.path.join(path, "optimizer.safetensors")
+            try:
+                load_optimizer_tensors(optimizer, load_file(file, device=device), meta["optimizer_param_groups"])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise ValueError(f"{file}: not a state of this run's optimizer ({first_line(e)}); "
+                                 "start from its weights alone with --init_optimizer=false") from None
     if optimizer is not None and keep_hyperparams:
         for group, saved in zip(optimizer.param_groups, hyperparams):
             group.update(saved)
@@ -283,7 +305,7 @@ def load_model(path, device="cpu"):
     try:
         load(ckpt, model, restore_rng_state=False)
     except Exception as e:  # safetensors raises its own error type on a damaged file
-        raise ValueError(f"{ckpt}/model.safetensors: unreadable weights ({str(e).splitlines()[0]}); use an older checkpoint") from None
+        raise ValueError(f"{ckpt}/model.safetensors: unreadable weights ({first_line(e)}); use an older checkpoint") from None
     for name, p in model.named_parameters():
         if not torch.isfinite(p.detach()).all():
             raise ValueError(f"{ckpt}/model.safetensors: {name} holds NaN or infinite values; use an older checkpoint")
@@ -307,9 +329,13 @@ def _load_dcp(path, model, optimizer, no_dist):
         dcp.load({"model": model_state}, checkpoint_id=path, no_dist=no_dist)
         set_model_state_dict(model, model_state)
     else:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path, no_dist=no_dist)
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        model_state, optim_state = get_state_dict(model, parts(optimizer))
+        try:
+            dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path, no_dist=no_dist)
+        except Exception as e:  # DCP wraps a missing key in its own CheckpointException
+            raise ValueError(f"{path}: its optimizer state does not fit this run's optimizer ({first_line(e)}); "
+                             "start from its weights alone with --init_optimizer=false") from None
+        set_state_dict(model, parts(optimizer), model_state_dict=model_state, optim_state_dict=optim_state)
 
 
 def load_full_into_sharded(model, tensors, source):

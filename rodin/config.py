@@ -36,7 +36,7 @@ class TrainConfig:
     seq_len: int = 256
     micro_batch_size: int = 16
     grad_accum_steps: int = 1
-    # optimisation: AdamW, linear warmup then `schedule` down to min_lr at max_steps
+    # optimisation: linear warmup then `schedule` down to min_lr at max_steps
     max_steps: int = 1000
     stop_at_step: int = 0  # > 0: checkpoint and exit at this step, to continue later (the schedule still ends at max_steps)
     lr: float = 3e-3
@@ -49,9 +49,17 @@ class TrainConfig:
     rampup_start: int = 0
     rampup_increment: int = 0
     rampup_steps: int = 0
+    # adamw: AdamW on every parameter. muon: Muon (orthogonalised momentum) on the blocks' attention
+    # and FFN matrices, AdamW (lr, betas, weight_decay) on embeddings, an untied output and gains;
+    # lr carries over (Moonlight's RMS-matching rule, rodin/muon.py)
+    optimizer: str = "adamw"
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton–Schulz iterations
+    muon_weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 1337
     # a new phase from another run's checkpoint (a run directory or a step-N directory): its weights,
@@ -87,6 +95,7 @@ class TrainConfig:
     def __post_init__(self):
         if self.keep_checkpoints < 2:
             raise ValueError("keep_checkpoints must be >= 2: the newest checkpoint may be mid-write when a machine dies")
+        check_optimizer(self)
         if self.seq_len > self.model.max_seq_len:
             raise ValueError(f"seq_len={self.seq_len} exceeds the model's max_seq_len={self.model.max_seq_len}")
         if self.schedule not in ("cosine", "wsd", "linear", "constant"):
@@ -102,6 +111,17 @@ class TrainConfig:
                              "--grad_clip=0 and no batch ramp-up (gradients are gone before they could be summed or clipped)")
         if self.rampup_start and not (0 < self.rampup_increment and 0 < self.rampup_steps < self.max_steps):
             raise ValueError("batch ramp-up needs rampup_increment > 0 and 0 < rampup_steps < max_steps")
+
+
+def check_optimizer(cfg):
+    if cfg.optimizer not in ("adamw", "muon"):
+        raise ValueError(f"--optimizer={cfg.optimizer}: choose adamw or muon")
+    if not 0 <= cfg.muon_momentum < 1:
+        raise ValueError(f"--muon_momentum={cfg.muon_momentum}: must be in [0, 1) (0.95 is the usual value)")
+    if not 1 <= cfg.muon_ns_steps < 100:
+        raise ValueError(f"--muon_ns_steps={cfg.muon_ns_steps}: must be between 1 and 99 (5 is the usual value)")
+    if cfg.muon_weight_decay < 0:
+        raise ValueError(f"--muon_weight_decay={cfg.muon_weight_decay}: must be >= 0")
 
 
 PRESETS = {
@@ -166,6 +186,7 @@ class SFTConfig(TrainConfig):
         # no seq_len check against the preset's model: sft.py checks it against init_from's model
         if self.keep_checkpoints < 2:
             raise ValueError("keep_checkpoints must be >= 2: the newest checkpoint may be mid-write when a machine dies")
+        check_optimizer(self)
 
 
 SFT_PRESETS = {

@@ -16,7 +16,7 @@ from rodin.device import autocast
 from rodin.loop import train_step
 from rodin.loss import make_loss_fn
 from rodin.model import LLaMA
-from rodin.optim import make_optimizer
+from rodin.optim import optimizer_for
 
 
 def rows(path):
@@ -99,7 +99,7 @@ def test_memory_estimate_is_within_a_tenth_of_what_the_gpu_allocates():
     with device:
         model = LLaMA(cfg.model)
     activation_checkpoint.apply(model, cfg.activation_checkpointing)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), in_backward=cfg.optimizer_in_backward)
+    optimizer = optimizer_for(model, cfg)
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.micro_batch_size, cfg.seq_len), device=device)
     amp = autocast(device, "bf16", cache=False)
     for _ in range(2):

@@ -18,7 +18,7 @@ import train
 from rodin import checkpoint, distributed
 from rodin.config import MODELS, parse_args
 from rodin.model import LLaMA
-from rodin.optim import make_optimizer
+from rodin.optim import make_optimizer, optimizer_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,3 +158,35 @@ def test_under_torchrun_only_rank_0_builds_the_whole_model_and_every_rank_starts
         assert seen["rope"][0].equal(single.rope_cos) and seen["rope"][1].equal(single.rope_sin)
         assert seen["tied"]
         torch.testing.assert_close(seen["logits"], single_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_muon_under_torchrun_interrupted_and_resumed_gives_the_losses_of_one_process(demo_data, tmp_path, capsys):
+    args = ["--max_steps=6", "--eval_every=3", "--ckpt_every=100", "--optimizer=muon"]
+    for stop in ("--stop_at_step=3", "--stop_at_step=0"):
+        done = subprocess.run(torchrun(*common(demo_data, tmp_path, "fsdp"), *args, "--micro_batch_size=2", stop),
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    assert "resuming from" in done.stdout
+    assert train.main(common(demo_data, tmp_path, "single") + args) == 0
+    # float tolerance: Newton–Schulz runs in bf16, where the last bits of the reduction can flip a rounding
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), rel=1e-4)
+
+    # the distributed checkpoint holds Muon's momentum for every block matrix, as one process's does
+    sharded, single = checkpoint.latest(tmp_path / "fsdp"), checkpoint.latest(tmp_path / "single")
+    assert checkpoint.is_dcp(sharded) and not checkpoint.is_dcp(single)
+    cfg = parse_args(["--preset=test", "--optimizer=muon"])
+    states = []
+    for path in (sharded, single):
+        model = LLaMA(cfg.model)
+        optimizer = optimizer_for(model, cfg)
+        checkpoint.load(path, model, optimizer, restore_rng_state=False)
+        states.append(optimizer.state_dict()["state"])
+    assert states[0].keys() == states[1].keys()
+    momenta = [{i: s["momentum_buffer"] for i, s in state.items() if "momentum_buffer" in s} for state in states]
+    assert len(momenta[0]) == cfg.model.n_layers * 7
+    for i, m in momenta[1].items():
+        assert (momenta[0][i] - m).norm() < 0.02 * m.norm()
+    # and the run continues on one process (DCP reshards the momentum)
+    capsys.readouterr()
+    assert train.main(common(demo_data, tmp_path, "fsdp") + ["--max_steps=8", "--eval_every=4", "--optimizer=muon"]) == 0
+    assert "resharded from 2 to 1 process(es)" in capsys.readouterr().out

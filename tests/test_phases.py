@@ -55,3 +55,17 @@ def test_a_phase_may_not_change_the_shape_of_the_model(demo_data, base):
         run(demo_data, out, "wider", f"--init_from={out / 'base'}", "--max_steps=1", "--model.dim=128")
     with pytest.raises(ValueError, match="no complete checkpoint"):
         run(demo_data, out, "nothing", f"--init_from={out / 'missing'}", "--max_steps=1")
+
+
+def test_a_phase_from_a_run_of_the_other_optimizer_takes_its_weights_and_refuses_its_optimizer_state(demo_data, base):
+    out, base_records = base  # an AdamW run
+    with pytest.raises(ValueError, match=r"holds adamw's optimizer state, this run uses --optimizer=muon; "
+                                         r"take its weights alone with --init_optimizer=false"):
+        run(demo_data, out, "muon-phase", f"--init_from={out / 'base'}", "--max_steps=2", "--optimizer=muon")
+    assert not os.path.exists(out / "muon-phase" / "checkpoints")  # nothing written
+    records = run(demo_data, out, "muon-phase", f"--init_from={out / 'base'}", "--max_steps=2", "--optimizer=muon",
+                  "--init_optimizer=false")
+    assert records[0]["val_loss"] == base_records[-1]["val_loss"]  # the AdamW run's very weights
+    # and the Muon run cannot be resumed as an AdamW one
+    with pytest.raises(ValueError, match=r"holds muon's optimizer state, this run uses --optimizer=adamw; resume with --optimizer=muon"):
+        run(demo_data, out, "muon-phase", "--max_steps=4", f"--init_from={out / 'base'}", "--init_optimizer=false")

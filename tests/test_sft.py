@@ -222,11 +222,13 @@ def test_sft_lowers_the_held_out_loss_and_writes_its_run_directory(pretrained, t
     assert "held-out loss" in out and "replies to held-out questions:" in out
 
 
-def test_resumed_sft_is_bit_identical_to_an_uninterrupted_one(pretrained, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resumed_sft_is_bit_identical_to_an_uninterrupted_one(pretrained, tmp_path, optimizer):
     data = write_jsonl(tmp_path / "littre.jsonl", littre_slice(60))
-    straight = run_sft(pretrained, tmp_path / "a", data, "--max_steps=8", "--ckpt_every=100", "--val_fraction=0.2")
-    run_sft(pretrained, tmp_path / "b", data, "--max_steps=8", "--ckpt_every=100", "--val_fraction=0.2", "--stop_at_step=3")
-    resumed = run_sft(pretrained, tmp_path / "b", data, "--max_steps=8", "--ckpt_every=100", "--val_fraction=0.2")
+    args = ["--max_steps=8", "--ckpt_every=100", "--val_fraction=0.2", f"--optimizer={optimizer}"]
+    straight = run_sft(pretrained, tmp_path / "a", data, *args)
+    run_sft(pretrained, tmp_path / "b", data, *args, "--stop_at_step=3")
+    resumed = run_sft(pretrained, tmp_path / "b", data, *args)
     for name in ("model.safetensors", "optimizer.safetensors"):
         a = load_file(os.path.join(checkpoint.latest(straight), name))
         b = load_file(os.path.join(checkpoint.latest(resumed), name))
@@ -234,7 +236,11 @@ def test_resumed_sft_is_bit_identical_to_an_uninterrupted_one(pretrained, tmp_pa
     losses = lambda run: [(r["step"], r.get("loss"), r.get("val_loss")) for r in metrics(run)]  # noqa: E731
     assert losses(straight) == losses(resumed)
     with pytest.raises(ValueError, match="started on other SFT rows"):
-        run_sft(pretrained, tmp_path / "b", data, "--max_steps=9", "--val_fraction=0.3")
+        run_sft(pretrained, tmp_path / "b", data, "--max_steps=9", "--val_fraction=0.3", f"--optimizer={optimizer}")
+    if optimizer == "muon":
+        assert any(k.endswith("momentum_buffer") for k in load_file(os.path.join(checkpoint.latest(resumed), "optimizer.safetensors")))
+        with pytest.raises(ValueError, match="holds muon's optimizer state, this run uses --optimizer=adamw"):
+            run_sft(pretrained, tmp_path / "b", data, "--max_steps=9", "--val_fraction=0.2")
 
 
 def test_sft_on_a_spot_machine_is_mirrored_announced_and_restored_from_the_mirror(pretrained, tmp_path, webhook, capsys):
