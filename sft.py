@@ -24,7 +24,7 @@ from rodin.chat import chat_reply, open_chat_tokenizer
 from rodin.config import SFT_PRESETS, config_to_dict, parse_args, save_config
 from rodin.data import TrainBatches, eval_batches
 from rodin.lifeline import Lifeline
-from rodin.device import autocast, peak_flops
+from rodin.device import autocast, peak_flops, resolve_dtype
 from rodin.loop import evaluate, run_steps
 from rodin.loss import make_loss_fn
 from rodin.model import ModelConfig
@@ -119,7 +119,8 @@ def finetune(cfg, device, lifeline):
     if is_main:
         save_config(cfg, os.path.join(run_dir, "config.json"))
         log = RunLog(run_dir, dict(config_to_dict(cfg), world_size=world), cfg.wandb, resume_step=step)
-    say(f"model: {model.num_params():,} parameters | {world} x {device.type}{' (FSDP2)' if world > 1 else ''}")
+    say(f"model: {model.num_params():,} parameters | {world} x {device.type}{' (FSDP2)' if world > 1 else ''} | "
+        f"{resolve_dtype(device, cfg.dtype)} | {cfg.optimizer}")
 
     state = {"step": step, "tokens_seen": tokens_seen}
 

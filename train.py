@@ -23,7 +23,7 @@ import sys
 from rodin import checkpoint, distributed
 from rodin.config import config_to_dict, parse_args, save_config
 from rodin.data import TrainBatches, Windows, eval_batches, find_shards, held_out_sets
-from rodin.device import autocast, peak_flops
+from rodin.device import autocast, peak_flops, resolve_dtype
 from rodin.loop import evaluate, run_steps, sample_texts
 from rodin.loss import make_loss_fn
 from rodin.metrics import bytes_per_token, loss_to_bpb, token_byte_lengths
@@ -126,7 +126,8 @@ def train(cfg, device, lifeline):
     flops_per_token = model.flops_per_token(cfg.seq_len)
     peak = peak_flops(device)
     say(f"model: {model.num_params():,} parameters | {full_batch * cfg.seq_len:,} tokens/step | "
-        f"{world} x {device.type}{' (FSDP2)' if world > 1 else ''}")
+        f"{world} x {device.type}{' (FSDP2)' if world > 1 else ''} | "
+        f"{resolve_dtype(device, cfg.dtype)} | {cfg.optimizer}")
 
     state = {"step": step, "tokens_seen": tokens_seen}
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.results import report  # noqa: E402
 from rodin.config import MODELS  # noqa: E402
-from rodin.device import autocast, peak_flops, pick_device  # noqa: E402
+from rodin.device import autocast, peak_flops, pick_device, resolve_dtype  # noqa: E402
 from rodin.hf import hf_config  # noqa: E402
 from rodin.loop import train_step  # noqa: E402
 from rodin.model import LLaMA  # noqa: E402
@@ -136,7 +136,7 @@ def parse_args(argv):
     parser.add_argument("--model", default=None, choices=sorted(MODELS), help="default: rodin-1b on a GPU, demo on CPU")
     parser.add_argument("--seq_len", type=int, default=None, help="default: 2048 on a GPU, 256 on CPU")
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (default: 4 on a GPU, 8 on CPU)")
-    parser.add_argument("--dtype", default="auto", help="auto: bf16 autocast on a GPU, fp32 on CPU")
+    parser.add_argument("--dtype", default="auto", help="auto: bf16 autocast on a GPU or a CPU with native bf16, else fp32")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -194,7 +194,7 @@ def main(argv=None):
         flops_per_token = LLaMA(cfg).flops_per_token(args.seq_len)
     peak = peak_flops(device)
     figures = {"model": args.model, "seq_len": args.seq_len, "batch": args.batch,
-               "dtype": "bf16" if (args.dtype == "auto" and device.type == "cuda") else args.dtype.replace("auto", "fp32"),
+               "dtype": resolve_dtype(device, args.dtype),
                "compile": args.compile, "repeats": args.repeats}
     if device.type == "cpu":
         figures.update(threads=torch.get_num_threads(), clock=args.clock)

@@ -88,7 +88,7 @@ class TrainConfig:
     sample_tokens: int = 60
     # hardware
     device: str = "auto"  # auto: cuda if available, else cpu
-    dtype: str = "auto"  # auto: bf16 autocast on cuda, fp32 on cpu
+    dtype: str = "auto"  # auto: bf16 autocast on cuda and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32
     wandb: str = "offline"  # offline | online | disabled
     tqdm: bool = True
 
@@ -104,6 +104,8 @@ class TrainConfig:
             raise ValueError(f"schedule=wsd needs 0 < decay_steps <= max_steps - warmup_steps, got decay_steps={self.decay_steps}")
         if self.activation_checkpointing not in ("none", "full", "half", "ops"):
             raise ValueError(f"activation_checkpointing={self.activation_checkpointing!r}: choose none, full, half or ops")
+        if self.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--dtype={self.dtype}: choose auto, fp32 or bf16")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile={self.compile!r}: choose auto, on or off")
         if self.optimizer_in_backward and (self.grad_accum_steps != 1 or self.grad_clip > 0 or self.rampup_start):
@@ -133,10 +135,11 @@ PRESETS = {
                                                       n_kv_heads=12, ffn_dim=2048, vocab_size=4096, max_seq_len=1024),
                             seq_len=1024, micro_batch_size=16, max_steps=1500, lr=1e-3, min_lr=1e-4,
                             warmup_steps=100, eval_every=250, ckpt_every=500),
-    # unit tests
+    # unit tests: fp32 on any CPU, so that paths that must agree are compared at fp32 tolerance
+    # (the bf16 paths are tested with --dtype=bf16)
     "test": TrainConfig(model=MODELS["test"], seq_len=32, micro_batch_size=4, max_steps=20, lr=1e-2, min_lr=1e-3,
                         warmup_steps=2, log_every=1, eval_every=10, eval_batches=2, ckpt_every=10, sample_tokens=8,
-                        device="cpu", wandb="disabled", tqdm=False),
+                        device="cpu", dtype="fp32", wandb="disabled", tqdm=False),
     # RODIN-1B pretraining (global batch 1M tokens as RODIN-1B: 512 x 2048)
     "rodin-1b": TrainConfig(model=MODELS["rodin-1b"], data_dir="data/fr", tokenizer="data/fr/tokenizer.model",
                             seq_len=2048, micro_batch_size=8, grad_accum_steps=64, max_steps=30000, lr=3e-4,
@@ -199,7 +202,7 @@ SFT_PRESETS = {
     # unit tests
     "test": SFTConfig(model=MODELS["test"], name="sft", seq_len=64, micro_batch_size=4, max_steps=20, lr=3e-3,
                       min_lr=3e-4, warmup_steps=2, weight_decay=0.0, log_every=1, eval_every=10, eval_batches=4,
-                      ckpt_every=10, sample_tokens=16, device="cpu", wandb="disabled", tqdm=False),
+                      ckpt_every=10, sample_tokens=16, device="cpu", dtype="fp32", wandb="disabled", tqdm=False),
 }
 
 

@@ -55,3 +55,35 @@ def test_lucie_preset_ramps_256_to_1024_sequences_by_64_on_a_node_of_8():
     assert all(size % per_micro_step == 0 for size in set(sizes))  # whole micro-steps on every rank
     assert sum(sizes[: cfg.rampup_steps]) == pytest.approx(10e6, rel=0.05)  # the ramp spans ~10 M sequences
     assert sum(sizes) * cfg.seq_len == pytest.approx(3e12, rel=0.02)  # ~3 T tokens, as Lucie-7B
+
+
+def test_dtype_auto_is_bf16_on_cpus_with_native_bf16_and_fp32_elsewhere(monkeypatch):
+    import torch
+
+    from rodin import device
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    assert device.resolve_dtype(cpu) == "bf16" and device.resolve_dtype(cuda) == "bf16"
+    assert device.resolve_dtype(cpu, "fp32") == "fp32"
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
+    assert device.resolve_dtype(cpu) == "fp32" and isinstance(device.autocast(cpu), type(device.autocast(cpu, "fp32")))
+    assert device.autocast(cpu, "bf16").fast_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="--dtype=fp16: choose auto, fp32 or bf16"):
+        parse_args(["--preset=test", "--dtype=fp16"])
+
+
+def test_native_bf16_is_read_from_the_cpu_flags_when_torch_cannot_tell(monkeypatch, tmp_path):
+    import builtins
+
+    import torch
+
+    from rodin import device
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, probe, raising=False)
+    real_open = builtins.open
+    for flags, expected in (("fpu sse2 avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True), ("fpu avx2 avx512f", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(tmp_path / "cpuinfo" if path == "/proc/cpuinfo" else path, *a, **k))
+        assert device.cpu_has_native_bf16() is expected, flags
