@@ -23,17 +23,14 @@ from rodin import checkpoint, verify
 from rodin.config import config_from_dict
 from rodin.gguf_export import K_QUANTS, PYTHON_TYPES, ffn_warning, k_quantize, modelfile, pad_ffn, write_gguf
 from rodin.hf import DTYPES, write_hf
-from rodin.tokenizer import Tokenizer
+from rodin.tokenizer import checkpoint_tokenizer
 
 
 def load_run(path, tokenizer_path=None):
     """(model, tokenizer, meta, checkpoint path) of a run directory's newest complete checkpoint,
     or of a checkpoint directory itself."""
     model, meta, ckpt = checkpoint.load_model(path)
-    tokenizer = Tokenizer(tokenizer_path or meta["config"]["tokenizer"])
-    if meta.get("tokenizer") and meta["tokenizer"] != tokenizer.fingerprint:
-        raise ValueError(f"{tokenizer.path}: not the vocabulary {ckpt} was trained with (fingerprint {tokenizer.fingerprint}, "
-                         f"checkpoint {meta['tokenizer']}); pass --tokenizer=the run's tokenizer.model")
+    tokenizer = checkpoint_tokenizer(ckpt, meta, tokenizer_path)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces do not fit the model's vocab_size={model.cfg.vocab_size}")
     return model, tokenizer, meta, ckpt
@@ -47,7 +44,7 @@ def main(argv=None):
                         help="default: bf16 for hf, f16 for gguf")
     parser.add_argument("--out", help="output directory (default: <run>/export/<format>)")
     parser.add_argument("--name", help="model name (default: the run's name)")
-    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one recorded in the run's config)")
+    parser.add_argument("--tokenizer", help="tokenizer.model (default: the run directory's copy, else the path its config recorded)")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                         help="load the export in transformers / llama.cpp and compare with our model")
     parser.add_argument("--pad_ffn", action="store_true", help="gguf: zero-pad the FFN to a multiple of 256 so K-quants apply")

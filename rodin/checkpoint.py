@@ -234,6 +234,11 @@ def read_meta(path):
         return json.load(f)
 
 
+def is_sft(meta):
+    """Whether a checkpoint is a chat fine-tune: sft.py records the checkpoint it started from."""
+    return "init_from" in meta
+
+
 def load(path, model, optimizer=None, restore_rng_state=True, keep_hyperparams=False):
     """Load weights (and optimizer, RNG) from a checkpoint directory; returns its meta dict.
     Either format loads into a model sharded or not (DCP reshards). keep_hyperparams: load the
