@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from rodin.io import atomic_write_text, fsync_dir, fsync_file
 from rodin.model import LLaMA, ModelConfig
+from rodin.tokenizer import checkpoint_tokenizer
 
 MANIFEST = "MANIFEST.json"
 
@@ -293,6 +294,17 @@ def load_model(path, device="cpu"):
         if not torch.isfinite(p.detach()).all():
             raise ValueError(f"{ckpt}/model.safetensors: {name} holds NaN or infinite values; use an older checkpoint")
     return model.eval(), meta, ckpt
+
+
+def load_run(path, tokenizer_path=None):
+    """(model, tokenizer, meta, checkpoint path) of a run directory's newest complete checkpoint, or
+    of a checkpoint directory: load_model, and the tokenizer it was trained with (the run's copy
+    first, see rodin.tokenizer.checkpoint_tokenizer), which must fit the model's vocabulary."""
+    model, meta, ckpt = load_model(path)
+    tokenizer = checkpoint_tokenizer(ckpt, meta, tokenizer_path)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces do not fit the model's vocab_size={model.cfg.vocab_size}")
+    return model, tokenizer, meta, ckpt
 
 
 def load_dcp(path, model, optimizer=None):

@@ -60,8 +60,8 @@ def export_checkpoint(run_dir, ckpt):
     label = f"step-{meta['step']:07d}"
     out = os.path.join(run_dir, "eval", f"hf-{label}")
     if not os.path.exists(os.path.join(out, "config.json")):
-        model, meta, _ = checkpoint.load_model(ckpt)
-        write_hf_dir(model, checkpoint_tokenizer(ckpt, meta), out)
+        model, tokenizer, meta, _ = checkpoint.load_run(ckpt)
+        write_hf_dir(model, tokenizer, out)
     return out, label, meta
 
 
