@@ -17,26 +17,11 @@ Frozen decisions:
 import argparse
 import os
 import sys
-import tempfile
 
-from rodin import checkpoint, verify
-from rodin.config import config_from_dict
-from rodin.gguf_export import K_QUANTS, PYTHON_TYPES, ffn_warning, k_quantize, modelfile, pad_ffn, write_gguf
+from rodin import verify
+from rodin.checkpoint import load_run
+from rodin.gguf_export import K_QUANTS, PYTHON_TYPES, ffn_warning, modelfile, pad_ffn, write_gguf_file
 from rodin.hf import DTYPES, write_hf
-from rodin.tokenizer import Tokenizer
-
-
-def load_run(path, tokenizer_path=None):
-    """(model, tokenizer, meta, checkpoint path) of a run directory's newest complete checkpoint,
-    or of a checkpoint directory itself."""
-    model, meta, ckpt = checkpoint.load_model(path)
-    tokenizer = Tokenizer(tokenizer_path or meta["config"]["tokenizer"])
-    if meta.get("tokenizer") and meta["tokenizer"] != tokenizer.fingerprint:
-        raise ValueError(f"{tokenizer.path}: not the vocabulary {ckpt} was trained with (fingerprint {tokenizer.fingerprint}, "
-                         f"checkpoint {meta['tokenizer']}); pass --tokenizer=the run's tokenizer.model")
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces do not fit the model's vocab_size={model.cfg.vocab_size}")
-    return model, tokenizer, meta, ckpt
 
 
 def main(argv=None):
@@ -47,7 +32,7 @@ def main(argv=None):
                         help="default: bf16 for hf, f16 for gguf")
     parser.add_argument("--out", help="output directory (default: <run>/export/<format>)")
     parser.add_argument("--name", help="model name (default: the run's name)")
-    parser.add_argument("--tokenizer", help="tokenizer.model (default: the one recorded in the run's config)")
+    parser.add_argument("--tokenizer", help="tokenizer.model (default: the run directory's copy, else the path its config recorded)")
     parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                         help="load the export in transformers / llama.cpp and compare with our model")
     parser.add_argument("--pad_ffn", action="store_true", help="gguf: zero-pad the FFN to a multiple of 256 so K-quants apply")
@@ -64,11 +49,11 @@ def main(argv=None):
 
     model, tokenizer, meta, ckpt = load_run(run, args.tokenizer)
     cfg = model.cfg
-    name = args.name or (config_from_dict(meta["config"]).name if "step-" in os.path.basename(run) else os.path.basename(run))
+    name = args.name or (meta["config"]["name"] if "step-" in os.path.basename(run) else os.path.basename(run))
     print(f"{ckpt}: step {meta['step']}, {model.num_params():,} parameters, tokenizer {tokenizer.path}")
 
     if args.format == "hf":
-        info = {"license": args.license, "data": args.data or f"token shards of `{config_from_dict(meta['config']).data_dir}`",
+        info = {"license": args.license, "data": args.data or f"token shards of `{meta['config']['data_dir']}`",
                 "steps": meta["step"], "tokens seen": f"{meta.get('tokens_seen', 0):,}"}
         write_hf(out, model, tokenizer, dtype, name, info, max_shard_bytes=int(args.max_shard_gb * 2**30))
         print(f"wrote {out}: {', '.join(sorted(os.listdir(out)))}")
@@ -83,17 +68,7 @@ def main(argv=None):
         print(f"ffn_dim padded with zeros: {cfg.ffn_dim} -> {model.cfg.ffn_dim}")
     elif (warning := ffn_warning(cfg)) and dtype in K_QUANTS:
         print(f"warning: {warning}")
-    path = os.path.join(out, f"{name}-{dtype}.gguf")
-    if dtype in K_QUANTS:
-        k_quantize(None, None, dtype)  # fails early, with the fix, when llama.cpp is missing
-        with tempfile.TemporaryDirectory(dir=out) as tmp:
-            source = os.path.join(tmp, f"{name}-f32.gguf")
-            write_gguf(source, model, tokenizer, "f32", name, args.license)
-            k_quantize(source, path, dtype, args.threads)
-    else:
-        counts = write_gguf(path, model, tokenizer, dtype, name, args.license)
-        if dtype == "q8_0" and counts.get("f16"):
-            print(f"note: {counts['f16']} tensors with rows not a multiple of 32 stored as f16 (q8_0 blocks hold 32)")
+    path = write_gguf_file(out, model, tokenizer, dtype, name, args.license, args.threads)
     with open(os.path.join(out, "Modelfile"), "w") as f:
         f.write(modelfile(path, tokenizer, cfg.max_seq_len))
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB) and {os.path.join(out, 'Modelfile')}")

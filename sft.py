@@ -31,6 +31,7 @@ from rodin.model import ModelConfig
 from rodin.optim import optimizer_for
 from rodin.runlog import RunLog
 from rodin.sft_data import Rows, is_trainable, make_examples, read_conversations, shuffled, split_conversations
+from rodin.tokenizer import copy_into_run
 
 N_SAMPLES = 3  # held-out questions answered in samples.md at the end
 
@@ -118,6 +119,7 @@ def finetune(cfg, device, lifeline):
     log = None
     if is_main:
         save_config(cfg, os.path.join(run_dir, "config.json"))
+        copy_into_run(tokenizer, run_dir)  # the run works without data/ (chat, export, eval, --init_from)
         log = RunLog(run_dir, dict(config_to_dict(cfg), world_size=world), cfg.wandb, resume_step=step)
     say(f"model: {model.num_params():,} parameters | {world} x {device.type}{' (FSDP2)' if world > 1 else ''} | "
         f"{resolve_dtype(device, cfg.dtype)} | {cfg.optimizer}")

@@ -30,7 +30,7 @@ from rodin.metrics import bytes_per_token, loss_to_bpb, token_byte_lengths
 from rodin.lifeline import Lifeline
 from rodin.optim import batch_size_at, optimizer_for
 from rodin.runlog import RunLog
-from rodin.tokenizer import Tokenizer
+from rodin.tokenizer import Tokenizer, copy_into_run
 
 # what a new phase (--init_from) may change in the model: the context it is trained for
 PHASE_MAY_CHANGE = ("max_seq_len", "rope_theta")
@@ -121,6 +121,7 @@ def train(cfg, device, lifeline):
     log = None
     if is_main:
         save_config(cfg, os.path.join(run_dir, "config.json"))
+        copy_into_run(tokenizer, run_dir)  # the run works without data/ (chat, export, eval, --init_from)
         log = RunLog(run_dir, dict(config_to_dict(cfg), world_size=world), cfg.wandb, resume_step=step)
 
     flops_per_token = model.flops_per_token(cfg.seq_len)

@@ -82,7 +82,8 @@ class HubSource:
         # parquet sources can skip their other columns (Légifrance carries embeddings)
         columns = {"columns": [spec.get("text_field", "text")]} if spec.get("text_only_columns") else {}
         self.dataset = datasets.load_dataset(spec["hub"], spec.get("config"), split=spec.get("split") or "train",
-                                             data_files=spec.get("data_files"), streaming=True, **columns)
+                                             data_files=spec.get("data_files"), revision=spec.get("revision"),
+                                             streaming=True, **columns)
         if cursor is not None:
             self.dataset.load_state_dict(cursor)
         self.text_field, self.stats, self.max_doc_bytes = spec.get("text_field", "text"), stats, max_doc_bytes

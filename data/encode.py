@@ -30,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 from rodin.io import atomic_write_text  # noqa: E402
 from rodin.mixture import documents, load_manifest  # noqa: E402
 from rodin.shards import ShardWriter, dtype_for_vocab  # noqa: E402
-from rodin.text import is_validation, read_documents  # noqa: E402
+from rodin.text import FILES_VAL_FRACTION, is_validation, read_documents  # noqa: E402
 from rodin.tokenizer import Tokenizer  # noqa: E402
 
 _tokenizer = None
@@ -133,7 +133,7 @@ def main(argv=None):
     parser.add_argument("--mixture", default=None, help="manifest made by data/mix.py")
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--out_dir", required=True)
-    parser.add_argument("--val_fraction", type=float, default=0.02, help="files mode; a mixture has its own")
+    parser.add_argument("--val_fraction", type=float, default=FILES_VAL_FRACTION, help="files mode; a mixture has its own")
     parser.add_argument("--shard_tokens", type=int, default=500_000_000, help="a shard closes past this many tokens (1 GB in uint16)")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)

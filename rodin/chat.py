@@ -15,18 +15,14 @@ import torch
 
 from rodin import chatml, checkpoint
 from rodin.device import pick_device
-from rodin.tokenizer import Tokenizer
+from rodin.tokenizer import checkpoint_tokenizer
 
 
 def open_chat_tokenizer(ckpt, meta, tokenizer_path=None):
     """The tokenizer a checkpoint was trained with, refused unless it has the chat tokens."""
-    tokenizer_path = tokenizer_path or meta["config"]["tokenizer"]
-    tokenizer = Tokenizer(tokenizer_path)
-    if tokenizer.fingerprint != meta["tokenizer"]:
-        raise ValueError(f"{ckpt}: trained with tokenizer {meta['tokenizer']}, but {tokenizer_path} is "
-                         f"{tokenizer.fingerprint}; pass the tokenizer the model was trained with")
+    tokenizer = checkpoint_tokenizer(ckpt, meta, tokenizer_path)
     if not tokenizer.has_chat_tokens:
-        raise ValueError(f"{ckpt}: its tokenizer {tokenizer_path} has no <|im_start|>/<|im_end|> tokens, so chat "
+        raise ValueError(f"{ckpt}: its tokenizer {tokenizer.path} has no <|im_start|>/<|im_end|> tokens, so chat "
                          "turns cannot be marked as single tokens; train a tokenizer with rodin's "
                          "data/train_tokenizer.py (it reserves them), then pretrain again")
     return tokenizer
@@ -105,7 +101,7 @@ def main(argv=None):
     parser.add_argument("--top_k", type=int, default=50)
     parser.add_argument("--top_p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--tokenizer", default=None, help="default: the one recorded in the checkpoint")
+    parser.add_argument("--tokenizer", default=None, help="default: the run directory's copy, else the path its config recorded")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 

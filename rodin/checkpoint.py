@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from rodin.io import atomic_write_text, fsync_dir, fsync_file
 from rodin.model import LLaMA, ModelConfig
 from rodin.optim import parts
+from rodin.tokenizer import checkpoint_tokenizer
 
 MANIFEST = "MANIFEST.json"
 
@@ -251,6 +252,11 @@ def read_meta(path):
         return json.load(f)
 
 
+def is_sft(meta):
+    """Whether a checkpoint is a chat fine-tune: sft.py records the checkpoint it started from."""
+    return "init_from" in meta
+
+
 def load(path, model, optimizer=None, restore_rng_state=True, keep_hyperparams=False):
     """Load weights (and optimizer, RNG) from a checkpoint directory; returns its meta dict.
     Either format loads into a model sharded or not (DCP reshards). keep_hyperparams: load the
@@ -310,6 +316,17 @@ def load_model(path, device="cpu"):
         if not torch.isfinite(p.detach()).all():
             raise ValueError(f"{ckpt}/model.safetensors: {name} holds NaN or infinite values; use an older checkpoint")
     return model.eval(), meta, ckpt
+
+
+def load_run(path, tokenizer_path=None):
+    """(model, tokenizer, meta, checkpoint path) of a run directory's newest complete checkpoint, or
+    of a checkpoint directory: load_model, and the tokenizer it was trained with (the run's copy
+    first, see rodin.tokenizer.checkpoint_tokenizer), which must fit the model's vocabulary."""
+    model, meta, ckpt = load_model(path)
+    tokenizer = checkpoint_tokenizer(ckpt, meta, tokenizer_path)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces do not fit the model's vocab_size={model.cfg.vocab_size}")
+    return model, tokenizer, meta, ckpt
 
 
 def load_dcp(path, model, optimizer=None):

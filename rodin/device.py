@@ -1,6 +1,7 @@
 """Which device and precision a run uses, and the peak FLOP/s that MFU is measured against."""
 
 import contextlib
+import platform
 
 import torch
 
@@ -18,6 +19,13 @@ PEAK_BF16_FLOPS = [
     ("L4", 121e12),
     ("A10", 125e12),
 ]
+
+
+def hardware_name(device):
+    """What a run computes on, for its record: the GPU's name, or the CPU's architecture."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine() or 'unknown'})"
 
 
 def pick_device(name="auto"):

@@ -15,6 +15,7 @@ Frozen decisions:
 
 import dataclasses
 import os
+import tempfile
 
 import torch
 
@@ -189,6 +190,23 @@ def k_quantize(src, dst, kind, threads=None):
     if llama_cpp.llama_model_quantize(src.encode(), (dst + ".tmp").encode(), params) != 0:
         raise ValueError(f"{src}: llama.cpp failed to quantize to {kind}")
     os.replace(dst + ".tmp", dst)
+
+
+def write_gguf_file(out, model, tokenizer, dtype, name, license, threads=None):
+    """out/NAME-DTYPE.gguf, written by the gguf package or, for K-quants, by llama.cpp's quantizer
+    from an f32 GGUF; returns its path."""
+    path = os.path.join(out, f"{name}-{dtype}.gguf")
+    if dtype in K_QUANTS:
+        k_quantize(None, None, dtype)  # fails early, with the fix, when llama.cpp is missing
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            source = os.path.join(tmp, f"{name}-f32.gguf")
+            write_gguf(source, model, tokenizer, "f32", name, license)
+            k_quantize(source, path, dtype, threads)
+    else:
+        counts = write_gguf(path, model, tokenizer, dtype, name, license)
+        if dtype == "q8_0" and counts.get("f16"):
+            print(f"note: {counts['f16']} tensors with rows not a multiple of 32 stored as f16 (q8_0 blocks hold 32)")
+    return path
 
 
 def modelfile(gguf_file, tokenizer, num_ctx):

@@ -235,15 +235,19 @@ def generation_config(tokenizer, max_seq_len):
             "temperature": 0.7, "top_p": 0.9, "max_length": max_seq_len}
 
 
-def model_card(name, cfg, num_params, dtype, info):
-    """README.md of the export: what the model is, how it was trained, how to run it."""
-    info = dict(info)
+def architecture(cfg, num_params, dtype):
+    """(label, value) rows describing the model, for model cards."""
     heads = f"{cfg.n_heads} heads" + (f", {cfg.n_kv_heads} KV heads (GQA)" if cfg.n_kv_heads != cfg.n_heads else "")
-    rows = [("parameters", f"{num_params:,}"), ("layers", cfg.n_layers), ("hidden size", cfg.dim),
+    return [("parameters", f"{num_params:,}"), ("layers", cfg.n_layers), ("hidden size", cfg.dim),
             ("attention", heads), ("feed-forward (SwiGLU)", cfg.ffn_dim), ("vocabulary", f"{cfg.vocab_size:,}"),
             ("context", cfg.max_seq_len), ("RoPE θ", cfg.rope_theta),
             ("tied embeddings", "yes" if cfg.tie_embeddings else "no"), ("weights", dtype)]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def model_card(name, cfg, num_params, dtype, info):
+    """README.md of the export: what the model is, how it was trained, how to run it."""
+    info = dict(info)
+    table = "\n".join(f"| {k} | {v} |" for k, v in architecture(cfg, num_params, dtype))
     licence = info.pop("license", "apache-2.0")
     data = info.pop("data", "unspecified")
     trained = ", ".join(f"{k}: {v}" for k, v in info.items())

@@ -4,8 +4,8 @@
     python -m rodin.report runs/a runs/b --out=reports/ab    # compare runs
 
 Frozen decisions:
-- Everything comes from what a run directory already holds: metrics.jsonl, config.json and the
-  lm-eval results rodin.eval writes into eval/*.json; nothing is recomputed.
+- Everything comes from what a run directory already holds: metrics.jsonl, config.json and what
+  rodin.eval writes into eval/ (lm-eval results, curve.csv, needle-step-N.json); nothing is recomputed.
 - Curves are drawn against tokens seen (comparable across batch sizes), steps when a run lacks it.
 - The page is report.md beside its PNGs, so it reads the same on GitHub and on disk.
 """
@@ -17,6 +17,7 @@ import os
 import statistics
 import sys
 
+from rodin.curves import plot_curves, read_curve
 from rodin.io import atomic_write_text
 
 
@@ -37,7 +38,13 @@ def read_run(run_dir):
             results = json.load(f)
         if "results" in results:
             evals.append((os.path.splitext(os.path.basename(path))[0], results))
-    return {"name": os.path.basename(os.path.normpath(run_dir)), "records": records, "config": config, "evals": evals}
+    needles = sorted(glob.glob(os.path.join(run_dir, "eval", "needle-step-*.json")))
+    needle = None
+    if needles:
+        with open(needles[-1]) as f:
+            needle = json.load(f)
+    return {"name": os.path.basename(os.path.normpath(run_dir)), "records": records, "config": config, "evals": evals,
+            "curve": read_curve(os.path.join(run_dir, "eval", "curve.csv")), "needle": needle}
 
 
 def save_figure(fig, path):
@@ -165,6 +172,31 @@ def eval_table(runs):
     return "\n".join(rows)
 
 
+def learning_curves(runs, out_dir):
+    """The section of the learning curves (rodin.eval --every_checkpoint): a plot per task, every run in it."""
+    series = [(run["name"], run["curve"]) for run in runs if run["curve"]]
+    if not series:
+        return []
+    page = ["## Learning curves", "", "Benchmark scores of each kept checkpoint against the tokens it had seen.", ""]
+    for task, path in plot_curves(series, out_dir).items():
+        page += [f"![{task}]({os.path.basename(path)})", ""]
+    return page
+
+
+def needles(runs, out_dir):
+    """The section of the needle-in-a-haystack checks (rodin.eval --needle): each run's newest."""
+    page = []
+    for run in runs:
+        result = run["needle"]
+        if result:
+            from rodin import needle  # torch: only when there is one
+
+            path = needle.heat_map(result, os.path.join(out_dir, f"needle-{run['name']}.png"))
+            page += [f"## Needle in a haystack: {run['name']} (step {result['step']}, {result['mode']})", "",
+                     f"![needle {run['name']}]({os.path.basename(path)})", "", needle.table(result), ""]
+    return page
+
+
 def make_report(run_dirs, out_dir):
     runs = [read_run(d) for d in run_dirs]
     os.makedirs(out_dir, exist_ok=True)
@@ -192,6 +224,7 @@ def make_report(run_dirs, out_dir):
         page += ["![Evaluation](eval.png)", "", evals, ""]
     else:
         page += ["No eval results yet: `python -m rodin.eval RUN` writes them into RUN/eval/.", ""]
+    page += learning_curves(runs, out_dir) + needles(runs, out_dir)
     path = os.path.join(out_dir, "report.md")
     atomic_write_text(path, "\n".join(page))
     return path

@@ -2,12 +2,15 @@
 
 metrics.jsonl holds one JSON object per logged step. On resume, lines past the checkpoint's
 step are dropped first, so an interrupted-and-resumed run leaves the same log as a straight one.
+Each line names the hardware that computed it (device, world_size): a run that moved from a 3090
+to B200s says so, and its GPU-hours are counted per kind (rodin.modelcard).
 wandb is optional and offline by default; the local files are the record that always exists.
 """
 
 import json
 import os
 
+from rodin.device import hardware_name, pick_device
 from rodin.io import atomic_write_text
 
 
@@ -15,6 +18,8 @@ class RunLog:
     def __init__(self, run_dir, config_dict, wandb_mode="offline", resume_step=0):
         self.run_dir = run_dir
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        self.hardware = {"device": hardware_name(pick_device(config_dict.get("device", "auto"))),
+                         "world_size": config_dict.get("world_size", 1)}
         self.records = self._read_until(resume_step)
         atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
         self.wandb = None
@@ -32,9 +37,9 @@ class RunLog:
         return [r for r in records if r["step"] <= step]
 
     def log(self, record):
-        self.records.append(record)
+        self.records.append(dict(record, **self.hardware))
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(self.records[-1]) + "\n")
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 

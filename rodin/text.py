@@ -9,6 +9,10 @@ import json
 import unicodedata
 import zlib
 
+# data/encode.py's default for plain files: `make pretrain` holds out these documents of the shipped
+# corpus, and the offline eval task (rodin/eval_tasks/littre_cloze.py) is built from them
+FILES_VAL_FRACTION = 0.02
+
 
 def open_text(path):
     return gzip.open(path, "rt", encoding="utf-8") if str(path).endswith(".gz") else open(path, encoding="utf-8")

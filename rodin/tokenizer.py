@@ -6,10 +6,13 @@ tokenized identically in llama.cpp, with these all of them do):
 - whitespace kept as is (no collapsing, no dummy prefix), digits split, byte fallback for the rest;
 - ids 0-3 are <unk> <s> </s> <pad>, then the chat tokens as control pieces: they never arise
   from ordinary text, so a user typing "<|im_start|>" cannot forge a turn.
+- A run directory keeps its own copy, runs/NAME/tokenizer.model: chat, export, eval and SFT look
+  there first, so a run works from any folder and once data/ is gone (its fingerprint is checked).
 """
 
 import hashlib
 import io
+import os
 
 import sentencepiece as spm
 
@@ -85,3 +88,39 @@ class Tokenizer:
     def encode_document(self, text):
         """A pretraining document: <s> text </s>."""
         return [self.bos_id] + self.sp.encode(text) + [self.eos_id]
+
+
+RUN_COPY = "tokenizer.model"  # the run directory's own copy
+
+
+def copy_into_run(tokenizer, run_dir):
+    """Keep the tokenizer in the run directory (atomically; rewritten only when it differs)."""
+    path = os.path.join(run_dir, RUN_COPY)
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            if f.read() == tokenizer.model_bytes:
+                return path
+    atomic_write_bytes(path, tokenizer.model_bytes)
+    return path
+
+
+def checkpoint_tokenizer(ckpt, meta, explicit=None):
+    """The tokenizer a checkpoint was trained with: `explicit` if given (it must match), else the
+    run directory's copy, else the path recorded in its config (relative to where training ran).
+    Every candidate is checked against the fingerprint the checkpoint recorded."""
+    recorded = meta.get("tokenizer")
+    if explicit:
+        tokenizer = Tokenizer(explicit)
+        if recorded and recorded != tokenizer.fingerprint:
+            raise ValueError(f"{explicit}: not the vocabulary {ckpt} was trained with (fingerprint {tokenizer.fingerprint}, "
+                             f"checkpoint {recorded}); pass --tokenizer=the run's tokenizer.model")
+        return tokenizer
+    run_dir = os.path.dirname(os.path.dirname(os.path.normpath(str(ckpt))))  # runs/NAME/checkpoints/step-N
+    candidates = [os.path.join(run_dir, RUN_COPY), meta["config"]["tokenizer"]]
+    for path in candidates:
+        if os.path.exists(path):
+            tokenizer = Tokenizer(path)
+            if not recorded or tokenizer.fingerprint == recorded:
+                return tokenizer
+    raise ValueError(f"{ckpt}: its tokenizer (fingerprint {recorded}) is neither {candidates[0]} nor {candidates[1]}; "
+                     "pass --tokenizer=the tokenizer.model it was trained with")

@@ -1,5 +1,6 @@
 """Shared fixtures: a slice of the shipped corpus, a small tokenizer trained on it, and shards."""
 
+import dataclasses
 import gzip
 import itertools
 import os
@@ -12,7 +13,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 CORPUS = os.path.join(ROOT, "data", "littre-citations.txt.gz")
 
-from rodin.config import MODELS  # noqa: E402
+from rodin import checkpoint  # noqa: E402
+from rodin.config import MODELS, PRESETS, config_to_dict  # noqa: E402
+from rodin.model import LLaMA  # noqa: E402
+from rodin.optim import make_optimizer  # noqa: E402
+from rodin.tokenizer import Tokenizer  # noqa: E402
 
 # the test models are tiny: a second intra-op thread only adds contention on a shared 2-core machine
 torch.set_num_threads(1)
@@ -69,3 +74,17 @@ def webhook():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/hook", received
     server.shutdown()
+
+
+def make_run(root, tokenizer_path, tied=True, kv_heads=2, name="run", step=3, seed=0, meta=None, keep=2, **model_overrides):
+    """A run directory holding a checkpoint of a tiny random model at `step` (weights drawn with
+    `seed`, meta added to the checkpoint's); returns (run_dir, model)."""
+    model_cfg = dataclasses.replace(MODELS["test"], **{"tie_embeddings": tied, "n_kv_heads": kv_heads, "max_seq_len": 128,
+                                                       "init_std": 0.1, **model_overrides})
+    cfg = dataclasses.replace(PRESETS["test"], model=model_cfg, tokenizer=tokenizer_path, name=name)
+    torch.manual_seed(seed)
+    model = LLaMA(model_cfg).eval()
+    meta = {"config": config_to_dict(cfg), "tokenizer": Tokenizer(tokenizer_path).fingerprint, "tokens_seen": 0, **(meta or {})}
+    run_dir = os.path.join(str(root), name)
+    checkpoint.save(run_dir, step, model, make_optimizer(model, 1e-3, 0.1, (0.9, 0.95)), meta, keep=keep)
+    return run_dir, model

@@ -4,6 +4,7 @@ download -> clean -> mix -> tokenizer -> encode, resumption, bad input, near-ded
 import gzip
 import itertools
 import json
+import os
 import random
 
 from unittest.mock import ANY
@@ -109,6 +110,37 @@ def test_a_hub_stream_resumes_from_its_state_dict(hub, tmp_path):
     download.download_source("wiki", spec, str(tmp_path / "resumed"), shard_bytes=15_000)
     straight = shard_records(tmp_path / "straight" / "wiki")
     assert len(straight) == 80 and shard_records(tmp_path / "resumed" / "wiki") == straight
+
+
+def test_the_registry_states_what_each_card_states_and_what_is_left_to_confirm():
+    with open(download.REGISTRY, encoding="utf-8") as f:
+        registry = json.load(f)
+    sources = download.load_registry(download.REGISTRY)
+    assert set(sources) == set(registry["sources"])
+    for name, spec in sources.items():
+        assert set(spec["verified"]).isdisjoint(spec["unconfirmed"]), name  # read on the card, or still to confirm
+        assert spec.get("hub") or spec.get("local"), name
+    assert sources["wikipedia"]["licence"] == "CC-BY-SA-3.0 and GFDL"
+    assert all(sources[p]["licence"].startswith("public domain") for p in ("pleias_books", "pleias_newspapers"))
+    assert sources["hplt3"]["hub"] == "HPLT/HPLT3.0" and sources["hplt3"]["config"] == "fra_Latn"
+    assert {"config", "text_field"} <= set(sources["hplt3"]["unconfirmed"])
+    assert sources["cc100"]["hub"] is None and sources["cc100"]["local"] and "No Hub route works" in sources["cc100"]["notes"]
+    assert "refs/convert/parquet" not in sources["cc100"].get("data_files", "")
+    assert sources["legi"]["data_files"] == "data/legi-latest/**"  # the latest snapshot only, never several mixed
+    for name, shipped in registry["files"].items():  # the corpora in data/, for the model card
+        assert os.path.exists(os.path.join(os.path.dirname(download.REGISTRY), name)) and shipped["licence"], name
+
+
+def test_a_pinned_hub_source_reads_only_its_files_at_its_revision(monkeypatch):
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append((args, kwargs)) or [])
+    spec = dict(download.load_registry(download.REGISTRY)["legi"], revision="0123abc")
+    download.HubSource(spec, {})
+    (args, kwargs), = calls
+    assert args == ("AgentPublic/legi", None) and kwargs["data_files"] == "data/legi-latest/**"
+    assert kwargs["revision"] == "0123abc" and kwargs["columns"] == ["text"] and kwargs["streaming"] is True
 
 
 def test_bad_input_is_counted_and_the_good_documents_kept(tmp_path):

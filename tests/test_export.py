@@ -4,7 +4,6 @@ Tiny models (dim 64, 2 layers, the 512-piece tokenizer of the demo_data fixture)
 GQA and not; weights drawn wide (std 0.1) so the logits have clear argmaxes, as a trained model's.
 """
 
-import dataclasses
 import json
 import os
 import re
@@ -14,28 +13,15 @@ import pytest
 import torch
 
 import export
+from conftest import make_run
 from rodin import chatml, checkpoint, verify
-from rodin.config import MODELS, PRESETS, config_to_dict
+from rodin.config import MODELS
 from rodin.gguf_export import ffn_warning, pad_ffn, permute_rotary
 from rodin.hf import hf_config, load_hf_model, write_hf
-from rodin.model import LLaMA
 from rodin.optim import make_optimizer
 from rodin.tokenizer import Tokenizer
 
 SHAPES = [pytest.param(True, 4, id="tied-mha"), pytest.param(False, 2, id="untied-gqa")]
-
-
-def make_run(root, tokenizer_path, tied=True, kv_heads=2, name="run", **model_overrides):
-    """A run directory holding one checkpoint of a tiny random model; returns (run_dir, model)."""
-    model_cfg = dataclasses.replace(MODELS["test"], tie_embeddings=tied, n_kv_heads=kv_heads, max_seq_len=128,
-                                    init_std=0.1, **model_overrides)
-    cfg = dataclasses.replace(PRESETS["test"], model=model_cfg, tokenizer=tokenizer_path, name=name)
-    torch.manual_seed(0)
-    model = LLaMA(model_cfg).eval()
-    meta = {"config": config_to_dict(cfg), "tokenizer": Tokenizer(tokenizer_path).fingerprint, "tokens_seen": 0}
-    run_dir = os.path.join(str(root), name)
-    checkpoint.save(run_dir, 3, model, make_optimizer(model, 1e-3, 0.1, (0.9, 0.95)), meta, keep=2)
-    return run_dir, model
 
 
 @pytest.fixture(scope="module")

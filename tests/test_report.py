@@ -66,3 +66,27 @@ def test_bits_per_byte_of_each_source_are_drawn_beside_the_overall_one(tmp_path,
     assert main([str(run), f"--out={tmp_path / 'report'}"]) == 0
     assert [label for _, label, _ in drawn["bits per byte"]] == ["val", "legi", "wiki"]
     assert (tmp_path / "report" / "bpb.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_learning_curves_and_needle_grids_of_the_runs_are_drawn_in_the_report(tmp_path):
+    from rodin import curves
+
+    runs = []
+    for name, offset in (("small", 0.0), ("wide", 0.1)):
+        run = fake_run(tmp_path, name, [6.5, 4.25, 3.875], 512)
+        rows = [{"step": s, "tokens_seen": 512 * s, "request": "littre_cloze", "task": "littre_cloze", "metric": m,
+                 "value": 0.25 + 0.05 * s + offset, "stderr": 0.01, "num_fewshot": 3, "samples": 528}
+                for s in (5, 10) for m in ("acc", "acc_norm")]
+        curves.append_rows(f"{run}/eval/curve.csv", rows)
+        runs.append(run)
+    cells = [{"length": n, "depth": d, "retrieved": 1.0 if d < 1 else 0.5} for n in (1024, 2048) for d in (0.0, 0.5, 1.0)]
+    needle = {"kind": "needle", "step": 10, "mode": "log-likelihood", "lengths": [1024, 2048], "depths": [0.0, 0.5, 1.0],
+              "trials": 2, "cells": cells}
+    (tmp_path / "wide" / "eval" / "needle-step-0000010.json").write_text(json.dumps(needle))
+    out = tmp_path / "report"
+    assert main([*runs, f"--out={out}"]) == 0
+    page = (out / "report.md").read_text()
+    assert "## Learning curves" in page and "](curve-littre_cloze.png)" in page
+    assert (out / "curve-littre_cloze.png").read_bytes()[:8] == PNG_MAGIC
+    assert "## Needle in a haystack: wide (step 10, log-likelihood)" in page and "| 100% | 50% | 50% |" in page
+    assert (out / "needle-wide.png").read_bytes()[:8] == PNG_MAGIC and not (out / "needle-small.png").exists()

@@ -367,7 +367,7 @@ def test_a_checkpoint_whose_tokenizer_lacks_chat_tokens_is_refused(corpus_slice,
     assert train.main(["--preset=test", f"--data_dir={tmp_path}", f"--tokenizer={plain}", f"--out_dir={tmp_path}",
                        "--name=plain", "--max_steps=2", "--eval_every=100", "--model.vocab_size=300"]) == 0
     data = write_jsonl(tmp_path / "littre.jsonl", littre_slice(20))
-    with pytest.raises(ValueError, match=r"plain.model has no <\|im_start\|>/<\|im_end\|> tokens"):
+    with pytest.raises(ValueError, match=r"plain/tokenizer.model has no <\|im_start\|>/<\|im_end\|> tokens"):
         sft.main(["--preset=test", f"--init_from={tmp_path / 'plain'}", f"--data={data}", f"--out_dir={tmp_path}"])
     with pytest.raises(ValueError, match="has no <"):
         chat.load_chat_model(tmp_path / "plain")

@@ -58,3 +58,49 @@ def test_a_file_that_is_not_a_model_is_refused_with_its_name(tmp_path):
 def test_ids_past_the_vocabulary_of_a_padded_model_decode_to_nothing(tokenizer):
     ids = tokenizer.encode("Bonjour")
     assert tokenizer.decode(ids + [tokenizer.vocab_size, tokenizer.vocab_size + 7]) == "Bonjour"
+
+
+def test_a_run_copied_elsewhere_without_data_still_chats_exports_evaluates_and_fine_tunes(demo_data, tmp_path, monkeypatch):
+    """The run directory keeps its tokenizer: nothing needs the data/ it was trained from, nor its folder."""
+    import json
+    import os
+    import shutil
+
+    import export
+    import sft
+    import train
+    from rodin import chat, checkpoint
+    from rodin.eval import main as evaluate
+    from test_sft import littre_slice, write_jsonl
+
+    work = tmp_path / "work"
+    shutil.copytree(demo_data["dir"], work / "data")
+    monkeypatch.chdir(work)  # relative paths, as `make pretrain` records them
+    common = ["--preset=test", "--out_dir=runs", "--max_steps=3", "--eval_every=100"]
+    assert train.main(common + ["--data_dir=data", "--tokenizer=data/tokenizer.model", "--name=base", "--model.max_seq_len=128"]) == 0
+    conversations = write_jsonl(tmp_path / "chat.jsonl", littre_slice(40))
+    assert sft.main(common + ["--init_from=runs/base", f"--data={conversations}", "--name=chat", "--seq_len=128",
+                              "--val_fraction=0.2"]) == 0
+    assert open("runs/base/tokenizer.model", "rb").read() == open("data/tokenizer.model", "rb").read()
+    assert open("runs/chat/tokenizer.model", "rb").read() == open("data/tokenizer.model", "rb").read()
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(work / "runs", elsewhere / "runs")
+    shutil.rmtree(work)
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")
+    base, chat_run = str(elsewhere / "runs" / "base"), str(elsewhere / "runs" / "chat")
+    with open(os.path.join(base, "config.json")) as f:
+        assert json.load(f)["tokenizer"] == "data/tokenizer.model"  # recorded, and gone
+
+    assert chat.main([chat_run, "--prompt=Que veut dire « ardu » ?", "--max_new_tokens=4", "--temperature=0"]) == 0
+    assert export.main([base, "--format=hf", "--dtype=f32", f"--out={tmp_path / 'hf'}"]) == 0
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert evaluate([chat_run, "--tasks=littre_cloze", "--num_fewshot=0", "--limit=4", "--batch_size=16"]) == 0
+    assert sft.main(common + [f"--init_from={base}", f"--data={conversations}", "--name=again", "--seq_len=128",
+                              "--val_fraction=0.2", "--max_steps=1"]) == 0
+    assert checkpoint.read_meta(checkpoint.latest("runs/again"))["init_from"].startswith(base)
+
+    os.remove(os.path.join(base, "tokenizer.model"))  # a run from before the copy, its data gone: one clear line
+    with pytest.raises(ValueError, match=r"tokenizer \(fingerprint \w+\) is neither .*base/tokenizer.model nor data/tokenizer.model"):
+        export.main([base, "--format=hf", f"--out={tmp_path / 'hf2'}"])

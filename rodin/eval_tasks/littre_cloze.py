@@ -1,16 +1,19 @@
-"""littre_cloze: a tiny French multiple-choice task for lm-evaluation-harness, made from the
-shipped corpus, so the evaluation path runs offline (tests, CPU) where the Hub tasks cannot.
+"""littre_cloze: a French multiple-choice task for lm-evaluation-harness, made from the shipped
+corpus, so the evaluation path runs offline (tests, CPU) where the Hub tasks cannot.
 
 Each item is a Littré quotation without its last word and four candidate words: the true one and
-the last words of three other quotations. 4 items are the few-shot examples, 20 the test set.
+the last words of three other quotations. The test items are every usable quotation of the
+corpus's validation split (the documents `make pretrain` holds out: data/encode.py's split), so a
+demo model never trained on them; the 4 few-shot examples come from the training split.
 Regenerate littre_cloze.jsonl with: python -m rodin.eval_tasks.littre_cloze
 """
 
-import gzip
 import json
 import os
 import random
 import re
+
+from rodin.text import FILES_VAL_FRACTION, is_validation, read_documents
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ITEMS = os.path.join(HERE, "littre_cloze.jsonl")
@@ -18,23 +21,30 @@ CORPUS = os.path.join(HERE, "..", "..", "data", "littre-citations.txt.gz")
 QUOTE = re.compile(r"^(?P<text>.+?) (?P<word>[a-zàâäçéèêëîïôöùûüÿœæ]{5,12})\s*(?:[.!?;,]\s*)?\((?P<author>[^()]+)\)$")
 
 
-def make_items(corpus=CORPUS, n_fewshot=4, n_test=20, seed=0, skip=20_000):
-    """Quotations from deep in the corpus (past the slice the tests train on), sampled with a seed."""
-    candidates = []
-    with gzip.open(corpus, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            m = QUOTE.match(line.strip())
-            if i >= skip and m and 40 <= len(m["text"]) <= 160:
-                candidates.append((m["text"], m["word"]))
+def quotations(corpus=CORPUS, val_fraction=FILES_VAL_FRACTION):
+    """(split, text without its last word, last word) of the corpus's usable quotations, in order.
+    The split is the one data/encode.py gives the document (the whole line)."""
+    for doc in read_documents(corpus):
+        m = QUOTE.match(doc.strip())
+        if m and 40 <= len(m["text"]) <= 160:
+            yield ("val" if is_validation(doc, val_fraction) else "train"), m["text"], m["word"]
+
+
+def make_items(corpus=CORPUS, n_fewshot=4, seed=0):
+    """Every validation quotation as a test item (shuffled with a seed, so --limit takes a random
+    sample), and n_fewshot training quotations as examples; distractors are other validation words."""
+    found = list(quotations(corpus))
+    test = [(text, word) for split, text, word in found if split == "val"]
     rng = random.Random(seed)
-    chosen = rng.sample(candidates, n_fewshot + n_test)
-    words = [w for _, w in chosen]
+    fewshot = rng.sample([(text, word) for split, text, word in found if split == "train"], n_fewshot)
+    rng.shuffle(test)
+    words = sorted({word for _, word in test})
     items = []
-    for k, (text, word) in enumerate(chosen):
-        choices = [word] + rng.sample([w for w in words if w != word], 3)
-        rng.shuffle(choices)
-        items.append({"split": "train" if k < n_fewshot else "test", "context": text, "choices": choices,
-                      "label": choices.index(word)})
+    for split, chosen in (("train", fewshot), ("test", test)):
+        for text, word in chosen:
+            choices = [word] + rng.sample([w for w in words if w != word], 3)
+            rng.shuffle(choices)
+            items.append({"split": split, "context": text, "choices": choices, "label": choices.index(word)})
     return items
 
 
@@ -49,6 +59,8 @@ def load(**kwargs):
 
 
 if __name__ == "__main__":
-    with open(ITEMS, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in make_items())
-    print(f"wrote {ITEMS}")
+    from rodin.io import atomic_write_text
+
+    items = make_items()
+    atomic_write_text(ITEMS, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
+    print(f"wrote {ITEMS}: {sum(i['split'] == 'test' for i in items)} test items, {sum(i['split'] == 'train' for i in items)} few-shot")
