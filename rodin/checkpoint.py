@@ -213,21 +213,20 @@ def resolve(path):
 
 def check_world_size(path, meta, global_batch, new_run):
     """Whether the checkpoint at path can continue its run on this world size: None if written by
-    as many processes, a note if DCP reshards it, else ValueError. The data cursor is global, so
+    as many processes, a note if it is resharded (DCP reshards; a single-process checkpoint is
+    read by rank 0 and broadcast into the shards), else ValueError. The data cursor is global, so
     the run continues on the same data only if the global batch is the same. new_run: the options
     that start a new run from the checkpoint instead, for the message."""
     saved_world = meta.get("world_size", 1)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if saved_world == world:
         return None
-    if not is_dcp(path):
-        raise ValueError(f"{path}: written by one process, this run has {world}; relaunch without torchrun, "
-                         f"or start a new run from it with {new_run}")
     saved = meta["config"]
-    saved_batch = saved["micro_batch_size"] * saved["grad_accum_steps"] * saved_world
+    saved_batch = meta.get("global_batch", saved["micro_batch_size"] * saved["grad_accum_steps"] * saved_world)
     if global_batch != saved_batch:
-        raise ValueError(f"{path}: written by {saved_world} processes with a global batch of {saved_batch} sequences; "
-                         f"to resume on {world}, keep it: --micro_batch_size x --grad_accum_steps = {saved_batch // world}")
+        raise ValueError(f"{path}: written by {saved_world} process(es) with a global batch of {saved_batch} sequences; "
+                         f"to resume on {world}, keep it: --micro_batch_size x --grad_accum_steps = {saved_batch // world} "
+                         f"(or start a new run from it with {new_run})")
     return f"resharded from {saved_world} to {world} process(es)"
 
 
@@ -273,14 +272,16 @@ def load(path, model, optimizer=None, restore_rng_state=True, keep_hyperparams=F
         else:
             load_model_tensors(model, load_file(os.path.join(path, "model.safetensors"), device=str(model.output.weight.device)), path)
         if optimizer is not None:
-            if is_sharded_run():
-                raise ValueError(f"{path}: a single-process optimizer state cannot be loaded under torchrun; "
-                                 "start the phase with --init_optimizer=false, or from a checkpoint written under torchrun")
-            device = str(next(iter(model.parameters())).device)
             file = os.path.join(path, "optimizer.safetensors")
             try:
-                load_optimizer_tensors(optimizer, load_file(file, device=device), meta["optimizer_param_groups"])
-            except (ValueError, KeyError, RuntimeError) as e:
+                if is_sharded_run():
+                    # rank 0 reads the whole state and broadcasts it into every rank's shards, as the weights
+                    tensors = load_file(file) if dist.get_rank() == 0 else {}
+                    load_full_optimizer_into_sharded(model, optimizer, tensors, meta["optimizer_param_groups"])
+                else:
+                    device = str(next(iter(model.parameters())).device)
+                    load_optimizer_tensors(optimizer, load_file(file, device=device), meta["optimizer_param_groups"])
+            except (ValueError, KeyError, IndexError, RuntimeError) as e:
                 raise ValueError(f"{file}: not a state of this run's optimizer ({first_line(e)}); "
                                  "start from its weights alone with --init_optimizer=false") from None
     if optimizer is not None and keep_hyperparams:
@@ -353,6 +354,28 @@ def _load_dcp(path, model, optimizer, no_dist):
             raise ValueError(f"{path}: its optimizer state does not fit this run's optimizer ({first_line(e)}); "
                              "start from its weights alone with --init_optimizer=false") from None
         set_state_dict(model, parts(optimizer), model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def load_full_optimizer_into_sharded(model, optimizer, tensors, param_groups):
+    """A single-process optimizer state (optimizer_tensors' flat form) into an optimizer over a
+    model sharded with FSDP2: rank 0 passes the tensors, the other ranks {}. Parameters are
+    numbered in the same group order on both sides, so index i is the i-th parameter of
+    optimizer.param_groups, whose name (FQN) torch.distributed.checkpoint keys the state by."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    full = {}
+    if dist.get_rank() == 0:
+        names = {id(p): name for name, p in model.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        state = {}
+        for key, value in tensors.items():
+            _, index, name = key.split(".", 2)
+            state.setdefault(order[int(index)], {})[name] = value
+        if len(param_groups) != len(optimizer.param_groups):
+            raise ValueError(f"{len(param_groups)} parameter groups saved, this optimizer has {len(optimizer.param_groups)}")
+        full = {"state": state, "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in param_groups]}
+    set_optimizer_state_dict(model, parts(optimizer), full,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def load_full_into_sharded(model, tensors, source):

@@ -20,6 +20,7 @@ Frozen decisions:
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -29,11 +30,12 @@ import sys
 from safetensors.torch import load_file, save_file
 
 from rodin import checkpoint, modelcard, verify
+from rodin.config import config_from_dict
 from rodin.gguf_export import K_QUANTS, ffn_warning, modelfile, pad_ffn, write_gguf_file
 from rodin.hf import hf_name, load_hf_model, write_hf
 from rodin.io import atomic_write_text, fsync_file
 from rodin.mirror import sha256
-from rodin.optim import make_optimizer, param_groups
+from rodin.optim import optimizer_for, param_groups
 
 QUANTS = ("f16", "q8_0", "q4_k_m")  # the GGUF set RODIN-1B shipped
 STAMP = ".source.json"
@@ -114,14 +116,24 @@ def build_main(folder, ckpt, model, tokenizer, meta, name, dtype, quants, licens
 # ---- revisions and their optimizer state --------------------------------------------------------------
 
 def training_optimizer(model, config):
-    """The optimizer train.py builds for a run's config, so that its saved state loads into it."""
-    return make_optimizer(model, config["lr"], config["weight_decay"], (config["beta1"], config["beta2"]))
+    """The optimizer train.py builds for a run's config (grouped, as checkpoints number it),
+    so that its saved state loads into it."""
+    cfg = dataclasses.replace(config_from_dict(config), optimizer_in_backward=False)
+    return optimizer_for(model, cfg)
 
 
-def parameter_names(model):
+def parameter_names(model, config):
     """HF names of the parameters in the optimizer's numbering (rodin.optim.param_groups' order)."""
     names = {id(p): name for name, p in model.named_parameters()}
-    return [hf_name(names[id(p)]) for group in param_groups(model, 0.0) for p in group["params"]]
+    muon_weight_decay = config.get("muon_weight_decay") if config.get("optimizer") == "muon" else None
+    return [hf_name(names[id(p)]) for group in param_groups(model, 0.0, muon_weight_decay) for p in group["params"]]
+
+
+OPTIMIZER_STATE = {
+    "adamw": ("AdamW (torch.optim)", "exp_avg, exp_avg_sq, step"),
+    "muon": ("Muon on the blocks' matrices (torch.optim.Muon), AdamW on the rest",
+             "momentum_buffer for Muon's matrices; exp_avg, exp_avg_sq, step for AdamW's"),
+}
 
 
 def write_optimizer_state(ckpt, meta, model, out):
@@ -135,9 +147,10 @@ def write_optimizer_state(ckpt, meta, model, out):
     else:
         shutil.copyfile(os.path.join(ckpt, "optimizer.safetensors"), os.path.join(out, "optimizer.safetensors"))
         groups = meta["optimizer_param_groups"]
-    state = {"step": meta["step"], "tokens_seen": meta.get("tokens_seen"), "optimizer": "AdamW (torch.optim)",
-             "optimizer_param_groups": groups, "param_names": parameter_names(model),
-             "format": "optimizer.safetensors holds state.<i>.<name> (exp_avg, exp_avg_sq, step) of parameter i of "
+    label, keys = OPTIMIZER_STATE[checkpoint.optimizer_name(meta)]
+    state = {"step": meta["step"], "tokens_seen": meta.get("tokens_seen"), "optimizer": label,
+             "optimizer_param_groups": groups, "param_names": parameter_names(model, meta["config"]),
+             "format": f"optimizer.safetensors holds state.<i>.<name> ({keys}) of parameter i of "
                        "param_names; rodin.publish.load_revision loads it back",
              "config": meta["config"], "data": meta.get("data"), "tokenizer": meta.get("tokenizer")}
     atomic_write_text(os.path.join(out, "trainer_state.json"), json.dumps(state, indent=1) + "\n")

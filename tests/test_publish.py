@@ -160,13 +160,14 @@ def test_milestones_are_the_multiples_of_keep_every_when_the_run_has_it(tmp_path
         ["step0000010", "step0000020"]
 
 
-def test_a_distributed_checkpoint_is_published_with_its_optimizer_state_in_safetensors(tmp_path, demo_data):
+@pytest.mark.parametrize("optimizer_name", ["adamw", "muon"])
+def test_a_distributed_checkpoint_is_published_with_its_optimizer_state_in_safetensors(tmp_path, demo_data, optimizer_name):
     import torch.distributed as dist
 
     from rodin.config import PRESETS, config_to_dict
     from rodin.tokenizer import Tokenizer
 
-    cfg = dataclasses.replace(PRESETS["test"], model=MODELS["test"], tokenizer=demo_data["tokenizer"])
+    cfg = dataclasses.replace(PRESETS["test"], model=MODELS["test"], tokenizer=demo_data["tokenizer"], optimizer=optimizer_name)
     torch.manual_seed(0)
     model = LLaMA(cfg.model)
     optimizer = publish.training_optimizer(model, config_to_dict(cfg))
@@ -185,6 +186,8 @@ def test_a_distributed_checkpoint_is_published_with_its_optimizer_state_in_safet
     back, back_optimizer, state = publish.load_revision(folder)
     assert_same_training_state(back, back_optimizer, model, optimizer)
     assert not publish.build_revision(folder, ckpt, "run", "apache-2.0", True, None, check=True)  # built once
+    assert state["optimizer"].startswith({"adamw": "AdamW", "muon": "Muon"}[optimizer_name])
+    assert len(state["param_names"]) == sum(len(g["params"]) for g in optimizer.param_groups)
 
 
 class FakeHub:

@@ -288,7 +288,7 @@ def test_sft_under_torchrun_interrupted_and_resumed_gives_the_losses_of_one_proc
             if key in a:
                 assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a["step"])
     # one process resumes it only with the global batch it was written with (DCP reshards)
-    with pytest.raises(ValueError, match="written by 2 processes with a global batch of 4 sequences"):
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\) with a global batch of 4 sequences"):
         run_sft(pretrained, tmp_path / "fsdp", data, *args, "--max_steps=9")
     capsys.readouterr()
     run_sft(pretrained, tmp_path / "fsdp", data, *args, "--max_steps=9", "--grad_accum_steps=2")
