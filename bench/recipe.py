@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 from bench.data_loader import make_data  # noqa: E402
-from bench.results import report  # noqa: E402
+from bench.results import RESULTS, report  # noqa: E402
 from rodin.config import PRESETS, parse_args  # noqa: E402
 from rodin.device import pick_device, resolve_dtype  # noqa: E402
 
@@ -104,7 +104,7 @@ def main(argv=None):
     parser.add_argument("--eval_every", type=int, default=25)
     parser.add_argument("--recipes", default=",".join(RECIPES), help="optimizer-dtype, the first is the reference")
     parser.add_argument("--args", default="", help="more train.py options for every recipe, e.g. '--lr=2e-3'")
-    parser.add_argument("--plot", default=os.path.join(ROOT, "bench", "recipe.png"))
+    parser.add_argument("--plot", default=None, help="the PNG (default: recipe.png beside the results file)")
     parser.add_argument("--quick", action="store_true", help="the `test` preset, a few steps (for the test suite)")
     parser.add_argument("--results", default=None, help="append the figures here instead of bench/RESULTS.md")
     args = parser.parse_args(argv)
@@ -133,7 +133,8 @@ def main(argv=None):
             figures[f"{key}_steps"], figures[f"{key}_seconds"] = reached
             figures[f"{key}_step_ratio"] = reached[0] / steps
             figures[f"{key}_time_ratio"] = reached[1] / curves[recipes[0]][-1][1]
-    plot(curves, args.plot, f"{preset}: held-out bpb, same model, data and seed")
+    plot(curves, args.plot or os.path.join(os.path.dirname(args.results or RESULTS), "recipe.png"),
+         f"{preset}: held-out bpb, same model, data and seed")
     report("recipe", figures, args.results)
     return figures
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from bench import checkpoint_save, cost, data_loader, memory_estimate, train_throughput
+from bench import checkpoint_save, cost, data_loader, memory_estimate, recipe, train_throughput
 from bench.results import HEADER
 from rodin import activation_checkpoint
 from rodin.config import MODELS, PRESETS
@@ -29,6 +29,7 @@ def rows(path):
     (data_loader, "data_loader", ("step_ms", "load_share")),
     (cost, "cost", ("gpu_hours", "cost_eur")),
     (memory_estimate, "memory_estimate", ("params_gib", "activations_gib", "peak_gib")),
+    (recipe, "recipe", ("target_bpb", "adamw_fp32_final_bpb", "adamw_auto_final_bpb", "muon_auto_final_bpb")),
 ])
 def test_bench_quick_prints_figures_and_appends_a_dated_row(bench, name, expected, tmp_path, capsys):
     results = tmp_path / "RESULTS.md"
@@ -114,3 +115,11 @@ def test_gpu_throughput_reports_mfu_and_peak_memory(tmp_path):
     assert figures["rodin_peak_gib"] > 0 and figures["transformers_peak_gib"] > 0
     if "rodin_mfu" in figures:  # the device is in rodin.device.PEAK_BF16_FLOPS
         assert 0 < figures["rodin_mfu"] < 1
+
+
+def test_recipe_reach_interpolates_between_evaluations_and_says_when_a_curve_never_gets_there():
+    curve = [(0, 0.0, 5.0), (10, 2.0, 3.0), (20, 4.0, 2.0)]
+    assert recipe.reach(curve, 2.5) == pytest.approx((15, 3.0))
+    assert recipe.reach(curve, 3.0) == pytest.approx((10, 2.0))
+    assert recipe.reach(curve, 1.0) is None
+    assert recipe.recipe_args("muon-bf16") == ["--optimizer=muon", "--dtype=bf16"]
