@@ -24,6 +24,7 @@ from rodin.chat import chat_reply, open_chat_tokenizer
 from rodin.config import SFT_PRESETS, config_to_dict, parse_args, save_config
 from rodin.data import TrainBatches, eval_batches
 from rodin.lifeline import Lifeline
+from rodin.memory import accumulation_of_eval_batches, choose_batch
 from rodin.device import autocast, peak_flops, resolve_dtype
 from rodin.loop import evaluate, run_steps
 from rodin.loss import make_loss_fn
@@ -80,6 +81,9 @@ def finetune(cfg, device, lifeline):
     if cfg.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the max_seq_len={cfg.model.max_seq_len} of {source}")
     amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
+    cfg, batch_choice = choose_batch(cfg, world, device)  # --global_batch, --micro_batch_size=auto
+    if batch_choice:
+        say(f"batch: {batch_choice}")
 
     # every rank reads and packs the same rows (the same data, tokenizer and seed), then takes its slice
     conversations = shuffled(list(read_conversations(cfg.data, cfg.data_split)), cfg.seed)
@@ -128,14 +132,14 @@ def finetune(cfg, device, lifeline):
 
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "data_fingerprint": train_rows.fingerprint(),
-                "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "world_size": world}
+                "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "world_size": world, "global_batch": global_batch}
         path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints)
         lifeline.checkpointed(path, state["step"])
         return path
 
     def run_eval():
         # each rank its share of the same held-out rows; evaluate weighs every rank's tokens
-        mine = eval_batches(val_rows, cfg.micro_batch_size, cfg.eval_batches, rank, world)
+        mine = eval_batches(val_rows, cfg.micro_batch_size, cfg.eval_batches * accumulation_of_eval_batches(cfg), rank, world)
         return {"val_loss": evaluate(model, mine, device, amp, loss_fn)}
 
     lifeline.send("start", step=step, max_steps=cfg.max_steps, world_size=world)

@@ -28,6 +28,7 @@ from rodin.loop import evaluate, run_steps, sample_texts
 from rodin.loss import make_loss_fn
 from rodin.metrics import bytes_per_token, loss_to_bpb, token_byte_lengths
 from rodin.lifeline import Lifeline
+from rodin.memory import accumulation_of_eval_batches, choose_batch
 from rodin.optim import batch_size_at, optimizer_for
 from rodin.runlog import RunLog
 from rodin.tokenizer import Tokenizer, copy_into_run
@@ -79,6 +80,9 @@ def train(cfg, device, lifeline):
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
+    cfg, batch_choice = choose_batch(cfg, world, device)  # --global_batch, --micro_batch_size=auto
+    if batch_choice:
+        say(f"batch: {batch_choice}")
 
     tokenizer = Tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -134,13 +138,13 @@ def train(cfg, device, lifeline):
 
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "config": config_to_dict(cfg),
-                "tokenizer": tokenizer.fingerprint, "world_size": world}
+                "tokenizer": tokenizer.fingerprint, "world_size": world, "global_batch": full_batch}
         path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints)
         lifeline.checkpointed(path, state["step"])
         return path
 
     # held-out windows of each source; they are fixed, so are their bytes per token: bpb = loss / (ln 2 * it)
-    held_out = held_out_sets(val_windows, cfg.eval_batches)
+    held_out = held_out_sets(val_windows, cfg.eval_batches * accumulation_of_eval_batches(cfg))
     byte_lengths = token_byte_lengths(tokenizer)
     tokens_and_bytes = {}
     for name, (windows, n_batches) in held_out.items():

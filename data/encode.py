@@ -93,9 +93,7 @@ def encode_split(split, docs, tok, tokenizer_path, out_dir, shard_tokens, worker
         writer, ranges, n_docs = None, [], 0
 
     bar = tqdm(desc=f"encode {split}", unit="tok", unit_scale=True, initial=done["tokens"])
-    # forkserver, not fork: a fork of a process with threads running (torch's, a progress bar's) can
-    # deadlock in the child on a lock that one of them held (seen when the tests call encode.main)
-    with mp.get_context("forkserver").Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+    with mp.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
         # imap keeps the input order and feeds the workers ahead of the writer
         for sources, bounds, flat in pool.imap(_encode_batch, batched(docs, batch_size)):
             i = 0

@@ -34,8 +34,13 @@ class TrainConfig:
     data_dir: str = "data/demo"
     tokenizer: str = "data/demo/tokenizer.model"
     seq_len: int = 256
-    micro_batch_size: int = 16
+    micro_batch_size: int = 16  # --micro_batch_size=auto (stored as 0): the largest that fits the device (rodin/memory.py)
     grad_accum_steps: int = 1
+    # > 0: sequences per optimizer step over all processes, stated once for every card and world
+    # size; grad_accum_steps is then derived from it, the micro-batch and the number of processes
+    global_batch: int = 0
+    memory_gib: float = 0.0  # what --micro_batch_size=auto may fill on one device; 0: the device's memory
+    memory_margin: float = 0.1  # kept free of the estimate for the allocator, the CUDA context, fragmentation
     # optimisation: linear warmup then `schedule` down to min_lr at max_steps
     max_steps: int = 1000
     stop_at_step: int = 0  # > 0: checkpoint and exit at this step, to continue later (the schedule still ends at max_steps)
@@ -77,7 +82,7 @@ class TrainConfig:
     name: str = "demo"
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 20
+    eval_batches: int = 20  # held-out batches of micro_batch_size x processes, or with --global_batch of the global batch
     ckpt_every: int = 250
     keep_checkpoints: int = 2
     # spot machines: a durable copy of every checkpoint (any fsspec URL: s3://, gs://, hf://, a mounted
@@ -108,6 +113,9 @@ class TrainConfig:
             raise ValueError(f"--dtype={self.dtype}: choose auto, fp32 or bf16")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile={self.compile!r}: choose auto, on or off")
+        if self.micro_batch_size < 0 or self.global_batch < 0 or not 0 <= self.memory_margin < 1:
+            raise ValueError("--micro_batch_size and --global_batch must be positive (or --micro_batch_size=auto), "
+                             "--memory_margin in [0, 1)")
         if self.optimizer_in_backward and (self.grad_accum_steps != 1 or self.grad_clip > 0 or self.rampup_start):
             raise ValueError("optimizer_in_backward steps each parameter during backward: it needs --grad_accum_steps=1, "
                              "--grad_clip=0 and no batch ramp-up (gradients are gone before they could be summed or clipped)")
@@ -206,7 +214,12 @@ SFT_PRESETS = {
 }
 
 
+AUTO = {"micro_batch_size": 0}  # options that take `auto`, and the value that stands for it
+
+
 def _parse_value(text, current, key):
+    if key in AUTO and text == "auto":
+        return AUTO[key]
     kind = type(current)
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):

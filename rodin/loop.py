@@ -65,14 +65,25 @@ def evaluate(model, batches, device, autocast, loss_fn=None):
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT/SIGUSR1: the loop finishes its step, checkpoints and exits 0."""
+    """Set by SIGTERM/SIGINT/SIGUSR1 while the loop runs (a context manager): the loop finishes its
+    step, checkpoints and exits 0. The previous handlers come back at the end: a process forked
+    later (a multiprocessing pool) must still die on SIGTERM, or Pool.terminate waits forever."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
         for s in self.SIGNALS:
-            signal.signal(s, self._handle)
+            self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
 
     def _handle(self, signum, frame):
         self.signal = signal.Signals(signum).name
@@ -101,8 +112,14 @@ def sample_texts(model, tokenizer, max_new_tokens, prompts=SAMPLE_PROMPTS, seed=
     return texts
 
 
-def run_steps(cfg, state, *, model, optimizer, next_batch, device, amp, loss_fn, run_eval, save_checkpoint, log,
-              sequences_at, tokens_in, flops_per_token=None, peak=None, sample=None):
+def run_steps(cfg, state, **parts):
+    """The step loop (steps below) with SIGTERM/SIGINT/SIGUSR1 turned into a clean stop while it runs."""
+    with StopFlag() as stop:
+        return steps(cfg, state, stop, **parts)
+
+
+def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_fn, run_eval, save_checkpoint, log,
+          sequences_at, tokens_in, flops_per_token=None, peak=None, sample=None):
     """The step loop that pretraining and SFT share: schedule, step, log, evaluate, checkpoint, and
     stop at the same step on every rank when a signal arrives.
 
@@ -121,7 +138,6 @@ def run_steps(cfg, state, *, model, optimizer, next_batch, device, amp, loss_fn,
         step_tokens[0] += tokens_in(batch)
         return batch
 
-    stop = StopFlag()
     stopping = False
     if state["step"] == 0:
         record = {"step": 0, **run_eval(), "tokens_seen": 0}

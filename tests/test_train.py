@@ -151,3 +151,10 @@ def test_held_out_loss_and_bpb_are_reported_for_each_source_and_over_all(demo_da
         # each source evaluates the same number of windows, so the overall loss is their mean
         assert r["val_loss"] == pytest.approx(sum(per_source) / 2)
         assert min(r["val_bpb/first.txt"], r["val_bpb/second.txt"]) <= r["val_bpb"] <= max(r["val_bpb/first.txt"], r["val_bpb/second.txt"])
+
+
+def test_a_finished_run_gives_the_signal_handlers_back(demo_data, tmp_path):
+    # a process forked afterwards (a multiprocessing pool) must die on SIGTERM, or Pool.terminate hangs
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    run_train(demo_data, tmp_path, "--max_steps=2")
+    assert {s: signal.getsignal(s) for s in before} == before
