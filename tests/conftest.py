@@ -69,3 +69,33 @@ def webhook():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}/hook", received
     server.shutdown()
+
+
+@pytest.fixture
+def step_clock(monkeypatch):
+    """A fake wall clock for rodin.loop (checkpoints by the clock) and rodin.budget (money) that
+    moves only while a training step runs: the n-th step of this process takes step_clock.seconds(n)
+    seconds (0 until a test sets it), so runs that depend on time are exact and instant."""
+    from rodin import budget, loop
+
+    class StepClock:
+        now, steps = 0.0, 0
+
+        def seconds(self, n):
+            return 0.0
+
+        def __call__(self):
+            return self.now
+
+    clock = StepClock()
+    real_step = loop.train_step
+
+    def timed_step(*args, **kwargs):
+        clock.steps += 1
+        clock.now += clock.seconds(clock.steps)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "clock", clock)
+    monkeypatch.setattr(budget, "clock", clock)
+    monkeypatch.setattr(loop, "train_step", timed_step)
+    return clock
