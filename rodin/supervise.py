@@ -37,8 +37,8 @@ def spent_budget(run_dir):
 
 
 def supervise(command, run_dir, max_failures=3, backoff_s=10.0, max_backoff_s=600.0, log=print):
-    """Run `command` until the run completes; returns 0, or 1 after max_failures launches in a
-    row that made no progress."""
+    """Run `command` until the run completes or has spent its budget; returns 0, or 1 after
+    max_failures launches in a row that made no progress."""
     failures, launches = 0, 0
     child = None
 

@@ -3,6 +3,7 @@
 import gzip
 import itertools
 import os
+import signal
 import sys
 
 import pytest
@@ -24,6 +25,19 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_restored():
+    """A run in this process (train.main, sft.main) keeps SIGTERM, SIGINT and SIGUSR1 for its stop
+    flag; put the handlers back after each test, or the workers that a later test's process pool
+    forks would shrug off the SIGTERM of Pool.terminate (a hang) and Ctrl-C would not stop pytest."""
+    from rodin.loop import StopFlag
+
+    saved = {s: signal.getsignal(s) for s in StopFlag.SIGNALS}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture(scope="session")
