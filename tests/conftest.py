@@ -27,16 +27,20 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-@pytest.fixture(autouse=True)
-def signal_handlers_restored():
-    """A run in this process (train.main, sft.main) keeps SIGTERM, SIGINT and SIGUSR1 for its stop
-    flag; put the handlers back after each test, or the workers that a later test's process pool
-    forks would shrug off the SIGTERM of Pool.terminate (a hang) and Ctrl-C would not stop pytest."""
-    from rodin.loop import StopFlag
+# the handlers of SIGTERM, SIGINT and SIGUSR1 before any test (rodin.loop.StopFlag.SIGNALS)
+DEFAULT_HANDLERS = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
 
-    saved = {s: signal.getsignal(s) for s in StopFlag.SIGNALS}
+
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+    """A run in this process (train.main, sft.main, also in a module fixture) keeps SIGTERM, SIGINT
+    and SIGUSR1 for its stop flag. Each test starts and ends with the default handlers again, or the
+    workers a process pool forks (data/encode.py) would shrug off Pool.terminate's SIGTERM, a hang,
+    and Ctrl-C would not stop pytest."""
+    for s, handler in DEFAULT_HANDLERS.items():
+        signal.signal(s, handler)
     yield
-    for s, handler in saved.items():
+    for s, handler in DEFAULT_HANDLERS.items():
         signal.signal(s, handler)
 
 

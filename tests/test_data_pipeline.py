@@ -4,6 +4,7 @@ download -> clean -> mix -> tokenizer -> encode, resumption, bad input, near-ded
 import gzip
 import itertools
 import json
+import os
 import random
 import subprocess
 import sys
@@ -340,12 +341,14 @@ STAGES = ("data/download.py", "data/clean.py", "data/mix.py", "data/train_tokeni
 
 
 def make(*args, tmp_path):
-    """`make ARGS` in the repository, with a stand-in for the set-up stamp (the tests' Python is set up)."""
+    """`make ARGS` in the repository, with a stand-in for the set-up stamp (the tests' Python is set up),
+    on one process and without the variables of a `make test` that runs this test."""
     venv = tmp_path / "venv"
     venv.mkdir(exist_ok=True)
     (venv / ".installed").touch()
-    return subprocess.run(["make", "-C", ROOT, *args, f"VENV={venv}", f"PY={sys.executable}"],
-                          capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", "-C", ROOT, "NPROC=1", "ARGS=", *args, f"VENV={venv}", f"PY={sys.executable}"],
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_make_pretrain_3090_builds_the_french_corpus_in_five_stages_then_trains_and_skips_them_once_done(hub, tmp_path):
