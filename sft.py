@@ -20,6 +20,7 @@ import os
 import sys
 
 from rodin import checkpoint, distributed
+from rodin.budget import Budget
 from rodin.chat import chat_reply, open_chat_tokenizer
 from rodin.config import SFT_PRESETS, config_to_dict, parse_args, save_config
 from rodin.data import TrainBatches, eval_batches
@@ -63,6 +64,7 @@ def finetune(cfg, device, lifeline):
     rank, world = distributed.rank(), distributed.world_size()
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
+    budget = Budget(cfg.price_per_hour, cfg.max_cost, world)  # this launch's meter starts now
     restored = lifeline.restore()
     if restored:
         say(restored)
@@ -108,6 +110,10 @@ def finetune(cfg, device, lifeline):
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
         note = check_resumable(ckpt, meta, cfg, tokenizer, train_rows, global_batch)
+        budget.load_state_dict(meta.get("budget", {}))
+        if budget.spent_before_launch():  # relaunched at the cap it stopped at
+            lifeline.stopped("budget", meta["step"], cfg.max_steps - meta["step"], budget, outcome="no step trained")
+            return 0
     # no initial weights to draw: init_from or the run's own checkpoint is loaded into the model
     model = distributed.build_model(cfg, device, init_weights=False)
     optimizer = optimizer_for(model, cfg)
@@ -132,9 +138,10 @@ def finetune(cfg, device, lifeline):
 
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "data_fingerprint": train_rows.fingerprint(),
-                "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "world_size": world, "global_batch": global_batch}
-        path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints)
-        lifeline.checkpointed(path, state["step"])
+                "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "world_size": world,
+                "global_batch": global_batch, "budget": budget.state_dict()}
+        path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints, cfg.keep_every)
+        lifeline.checkpointed(path, state["step"], **budget.figures(cfg.max_steps - state["step"]))
         return path
 
     def run_eval():
@@ -142,24 +149,23 @@ def finetune(cfg, device, lifeline):
         mine = eval_batches(val_rows, cfg.micro_batch_size, cfg.eval_batches * accumulation_of_eval_batches(cfg), rank, world)
         return {"val_loss": evaluate(model, mine, device, amp, loss_fn)}
 
-    lifeline.send("start", step=step, max_steps=cfg.max_steps, world_size=world)
+    lifeline.send("start", step=step, max_steps=cfg.max_steps, world_size=world, **budget.figures(cfg.max_steps - step))
     loss, stopped = run_steps(
         cfg, state, model=model, optimizer=optimizer, next_batch=batches.next, device=device, amp=amp, loss_fn=loss_fn,
         run_eval=run_eval, save_checkpoint=save_checkpoint, log=log,
         sequences_at=lambda step: global_batch,
         tokens_in=lambda batch: int((batch[0] != pad_id).sum()),  # padding is not data
-        flops_per_token=model.flops_per_token(cfg.seq_len), peak=peak_flops(device))
+        budget=budget, flops_per_token=model.flops_per_token(cfg.seq_len), peak=peak_flops(device))
     step = state["step"]
     lifeline.wait_for_uploads()
     if stopped:
-        say(f"{stopped}: checkpoint written at step {step}; relaunch the same command to resume")
-        lifeline.send("paused" if stopped == "stop_at_step" else "preempted", step=step, reason=stopped)
+        lifeline.stopped(stopped, step, cfg.max_steps - step, budget)
         if is_main:
             log.finish()
         return 0
     questions = [m for _, m in val_convs if is_trainable(m) and any(t["role"] == "user" for t in m)][:N_SAMPLES]
     samples = held_out_replies(model, tokenizer, questions, cfg.sample_tokens)  # all ranks: FSDP needs them in each forward
-    lifeline.send("finish", step=step, loss=loss)
+    lifeline.send("finish", step=step, loss=loss, **budget.figures(0))
     if not is_main:
         return 0
     log.write_samples(step, samples)

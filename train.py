@@ -14,6 +14,8 @@ Frozen decisions:
   torch.distributed.checkpoint; world size 1 means a plain module and safetensors.
 - Under torchrun the model is built on the meta device and sharded before any rank allocates it;
   a new run's weights are those one process would draw, broadcast from rank 0 (rodin.distributed).
+- The money a run spends is counted from each launch's start and carried in its checkpoints
+  (rodin.budget); at --max_cost it checkpoints and exits 0, and a relaunch at that cap trains nothing.
 """
 
 import dataclasses
@@ -21,6 +23,7 @@ import os
 import sys
 
 from rodin import checkpoint, distributed
+from rodin.budget import Budget
 from rodin.config import config_to_dict, parse_args, save_config
 from rodin.data import TrainBatches, Windows, eval_batches, find_shards, held_out_sets
 from rodin.device import autocast, peak_flops, resolve_dtype
@@ -77,6 +80,7 @@ def main(argv):
 def train(cfg, device, lifeline):
     run_dir = os.path.join(cfg.out_dir, cfg.name)
     rank, world = distributed.rank(), distributed.world_size()
+    budget = Budget(cfg.price_per_hour, cfg.max_cost, world)  # this launch's meter starts now
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
@@ -105,6 +109,10 @@ def train(cfg, device, lifeline):
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
         note = check_resumable(ckpt, meta, cfg, tokenizer, full_batch)
+        budget.load_state_dict(meta.get("budget", {}))
+        if budget.spent_before_launch():  # relaunched at the cap it stopped at
+            lifeline.stopped("budget", meta["step"], cfg.max_steps - meta["step"], budget, outcome="no step trained")
+            return 0
     # the initial weights are drawn only if no checkpoint overwrites them
     model = distributed.build_model(cfg, device, init_weights=ckpt is None and not cfg.init_from)
     optimizer = optimizer_for(model, cfg)
@@ -138,9 +146,10 @@ def train(cfg, device, lifeline):
 
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "config": config_to_dict(cfg),
-                "tokenizer": tokenizer.fingerprint, "world_size": world, "global_batch": full_batch}
-        path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints)
-        lifeline.checkpointed(path, state["step"])
+                "tokenizer": tokenizer.fingerprint, "world_size": world, "global_batch": full_batch,
+                "budget": budget.state_dict()}
+        path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints, cfg.keep_every)
+        lifeline.checkpointed(path, state["step"], **budget.figures(cfg.max_steps - state["step"]))
         return path
 
     # held-out windows of each source; they are fixed, so are their bytes per token: bpb = loss / (ln 2 * it)
@@ -171,22 +180,22 @@ def train(cfg, device, lifeline):
         if is_main:
             log.write_samples(step, samples)
 
-    lifeline.send("start", step=step, max_steps=cfg.max_steps, world_size=world)
+    lifeline.send("start", step=step, max_steps=cfg.max_steps, world_size=world, **budget.figures(cfg.max_steps - step))
     loss, stopped = run_steps(
         cfg, state, model=model, optimizer=optimizer, next_batch=batches.next, device=device, amp=amp,
         loss_fn=loss_fn, run_eval=run_eval, save_checkpoint=save_checkpoint, log=log,
         sequences_at=lambda step: batch_size_at(step, full_batch, cfg.rampup_start, cfg.rampup_increment, cfg.rampup_steps),
-        tokens_in=lambda batch: batch[0].numel(), flops_per_token=flops_per_token, peak=peak, sample=sample)
+        tokens_in=lambda batch: batch[0].numel(), budget=budget, flops_per_token=flops_per_token, peak=peak,
+        sample=sample)
     step = state["step"]
     lifeline.wait_for_uploads()
     if stopped:
-        say(f"{stopped}: checkpoint written at step {step}; relaunch the same command to resume")
-        lifeline.send("paused" if stopped == "stop_at_step" else "preempted", step=step, reason=stopped)
+        lifeline.stopped(stopped, step, cfg.max_steps - step, budget)
         if is_main:
             log.finish()
         return 0
     samples = sample_texts(model, tokenizer, cfg.sample_tokens)
-    lifeline.send("finish", step=step, loss=loss)
+    lifeline.send("finish", step=step, loss=loss, **budget.figures(0))
     if is_main:
         log.write_samples(step, samples)
         log.finish()

@@ -8,6 +8,9 @@ Frozen decisions:
   measured --tokens_per_s, throughput comes from --mfu, by default the anchor's own MFU, against
   the peak of --gpu in rodin.device.PEAK_BF16_FLOPS and the preset's LLaMA.flops_per_token.
 - tokens_per_s is per GPU; n GPUs divide the wall-clock time, not the GPU-hours.
+- The money is rodin.budget's accounting, the trainer's own: wall-clock seconds x GPUs x price per
+  GPU-hour / 3600. So `train.py --price_per_hour=PRICE --max_cost=COST` stops a run at this
+  estimate, and its progress bar and metrics.jsonl report the same figures as it goes.
 """
 
 import argparse
@@ -19,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.results import report  # noqa: E402
+from rodin import budget  # noqa: E402
 from rodin.config import PRESETS  # noqa: E402
 from rodin.device import PEAK_BF16_FLOPS  # noqa: E402
 from rodin.model import LLaMA  # noqa: E402
@@ -57,12 +61,13 @@ def estimate(tokens, preset, gpu, tokens_per_s=None, mfu=None, gpus=1, price=Non
         known = any(key.lower() in gpu.lower() for key, _ in PEAK_BF16_FLOPS)
         mfu = tokens_per_s * per_token / gpu_peak(gpu) if known else None
     price = ANCHOR["eur"] / ANCHOR["gpu_hours"] if price is None else price
-    gpu_hours = tokens / tokens_per_s / 3600
+    wall_seconds = tokens / (tokens_per_s * gpus)
+    gpu_hours = budget.gpu_hours(wall_seconds, gpus)
     figures = {"tokens": f"{tokens:.3g}", "preset": preset, "gpu": gpu, "gpus": gpus, "tok_s_per_gpu": tokens_per_s}
     if mfu is not None:
         figures["mfu"] = mfu
-    figures.update({"gpu_hours": gpu_hours, "wall_hours": gpu_hours / gpus, "eur_per_gpu_hour": price,
-                    "cost_eur": gpu_hours * price})
+    figures.update({"gpu_hours": gpu_hours, "wall_hours": wall_seconds / 3600, "eur_per_gpu_hour": price,
+                    "cost_eur": budget.cost(gpu_hours, price)})
     return figures
 
 

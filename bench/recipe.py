@@ -17,6 +17,7 @@ Frozen decisions:
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -118,7 +119,7 @@ def main(argv=None):
         if args.quick or not os.path.exists(os.path.join(data_dir, "train-00000.bin")):
             data_dir, tokenizer = make_data(tmp, cfg.model.vocab_size, 2000 if args.quick else 60000)
         base = [f"--preset={preset}", f"--data_dir={data_dir}", f"--tokenizer={tokenizer}", f"--max_steps={steps}",
-                f"--eval_every={eval_every}", f"--log_every={min(eval_every, 10)}", "--tqdm=false",
+                f"--eval_every={eval_every}", f"--log_every={math.gcd(eval_every, 10)}", "--tqdm=false",
                 *shlex.split(args.args)]
         parse_args(base)  # bad options stop here, before any training
         curves = {recipe: train_curve(recipe, base, os.path.join(tmp, "runs")) for recipe in recipes}

@@ -9,7 +9,9 @@ Frozen decisions:
 - after each shard, OUT/<source>/state.json records the cursor past its last document (the
   IterableDataset.state_dict() of a Hub stream, or (file, row) of local files) and the counts:
   a re-run resumes at the exact next document and rewrites at most the shard that was cut;
-- bad rows (non-UTF-8, missing text field, empty, oversized, truncated file) are counted, not fatal.
+- bad rows (non-UTF-8, missing text field, empty, oversized, truncated file) are counted, not fatal,
+  unless a source's first MISSING_FIELD_LIMIT rows all lack its text field: a wrong field name would
+  otherwise stream a whole dataset for nothing (the other sources still download).
 """
 
 import argparse
@@ -28,6 +30,7 @@ from rodin.io import atomic_write_text  # noqa: E402
 from rodin.records import JsonlShardWriter, list_files, read_rows  # noqa: E402
 
 REGISTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sources.json")
+MISSING_FIELD_LIMIT = 1000
 
 
 def parse_size(text):
@@ -133,6 +136,9 @@ def download_source(name, spec, out_dir, max_bytes=None, shard_bytes=100_000_000
 
     for text in source:
         if text is None:
+            if state["docs"] == 0 and writer is None and stats["missing_field"] >= MISSING_FIELD_LIMIT:
+                raise ValueError(f"source {name!r}: none of its first {MISSING_FIELD_LIMIT} rows has the text field "
+                                 f"{spec.get('text_field', 'text')!r}; set its text_field to the column that holds the text")
             continue
         if writer is None:
             writer = JsonlShardWriter(os.path.join(folder, f"{state['shards']:05d}.jsonl.gz"))
@@ -175,6 +181,8 @@ def main(argv=None):
                                            max_doc_bytes=parse_size(args.max_doc_bytes))
         except FileNotFoundError as e:  # one missing local source must not stop the others
             failed[name] = str(e)
+        except ValueError as e:
+            failed[name] = f"{args.registry}: {e}"
     atomic_write_text(os.path.join(args.out_dir, "download_report.json"), json.dumps(states, ensure_ascii=False, indent=1))
     for name, s in states.items():
         bad = ", ".join(f"{k} {v}" for k, v in sorted(s["bad"].items())) or "none"

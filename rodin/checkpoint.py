@@ -92,11 +92,12 @@ def is_dcp(path):
     return os.path.exists(os.path.join(path, ".metadata"))
 
 
-def save(run_dir, step, model, optimizer, meta, keep):
-    """Write checkpoint `step` atomically, then prune to the newest `keep`. meta: JSON-able dict.
+def save(run_dir, step, model, optimizer, meta, keep, keep_every=0):
+    """Write checkpoint `step` atomically, then prune to the newest `keep` and the milestones
+    (steps that are multiples of keep_every > 0). meta: JSON-able dict.
     Under torchrun every rank must call it (the sharded state is written collectively)."""
     if is_sharded_run():
-        return save_sharded(run_dir, step, model, optimizer, meta, keep)
+        return save_sharded(run_dir, step, model, optimizer, meta, keep, keep_every)
     root = checkpoint_root(run_dir)
     final = os.path.join(root, f"step-{step:07d}")
     tmp = final + ".tmp"
@@ -111,11 +112,11 @@ def save(run_dir, step, model, optimizer, meta, keep):
     files = sorted(os.listdir(tmp))
     for name in files:
         fsync_file(os.path.join(tmp, name))
-    commit(run_dir, tmp, final, step, files, keep)
+    commit(run_dir, tmp, final, step, files, keep, keep_every)
     return final
 
 
-def commit(run_dir, tmp, final, step, files, keep):
+def commit(run_dir, tmp, final, step, files, keep, keep_every=0):
     """The manifest (file sizes) last, then the rename: before it the checkpoint does not exist."""
     sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in files}
     atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps({"step": step, "files": sizes}, indent=2))
@@ -123,11 +124,22 @@ def commit(run_dir, tmp, final, step, files, keep):
         shutil.rmtree(final)  # re-saving a step after a restart
     os.replace(tmp, final)
     fsync_dir(checkpoint_root(run_dir))
-    for old in complete_checkpoints(run_dir)[:-keep]:
+    for old in prunable(complete_checkpoints(run_dir), keep, keep_every):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_sharded(run_dir, step, model, optimizer, meta, keep):
+def step_of(path):
+    """The step of a checkpoint from its directory name, step-NNNNNNN."""
+    return int(os.path.basename(os.path.normpath(path))[len("step-"):])
+
+
+def prunable(paths, keep, keep_every=0):
+    """Of checkpoints oldest first (paths or names), those to delete: all but the newest `keep`,
+    except the milestones, whose step is a multiple of keep_every (> 0), kept for later evaluation."""
+    return [p for p in paths[:-keep] if not (keep_every and step_of(p) % keep_every == 0)]
+
+
+def save_sharded(run_dir, step, model, optimizer, meta, keep, keep_every=0):
     """DCP: each rank writes its own shards; rank 0 writes trainer.json, the manifest, and renames."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -150,7 +162,7 @@ def save_sharded(run_dir, step, model, optimizer, meta, keep):
         files = sorted(os.listdir(tmp))
         for name in files:
             fsync_file(os.path.join(tmp, name))
-        commit(run_dir, tmp, final, step, files, keep)
+        commit(run_dir, tmp, final, step, files, keep, keep_every)
     dist.barrier()
     return final
 

@@ -27,6 +27,16 @@ MODELS = {
 }
 
 
+def check_spot_options(cfg):
+    """The options of checkpoints by the clock, milestones and the budget (TrainConfig and SFTConfig)."""
+    for key in ("ckpt_every_minutes", "keep_every", "price_per_hour", "max_cost"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"--{key}={getattr(cfg, key):g} is negative; give 0 (off) or a positive value")
+    if cfg.max_cost > 0 and cfg.price_per_hour <= 0:
+        raise ValueError(f"--max_cost={cfg.max_cost:g} needs --price_per_hour (what one GPU costs an hour, in the "
+                         "currency of the cap): without a price nothing is counted against it")
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=lambda: MODELS["demo"])
@@ -84,11 +94,17 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 20  # held-out batches of micro_batch_size x processes, or with --global_batch of the global batch
     ckpt_every: int = 250
+    ckpt_every_minutes: float = 0.0  # > 0: also checkpoint once this many minutes have passed since the last one (rank 0's clock)
     keep_checkpoints: int = 2
+    keep_every: int = 0  # > 0: checkpoints at multiples of this step are milestones, always written and never pruned
     # spot machines: a durable copy of every checkpoint (any fsspec URL: s3://, gs://, hf://, a mounted
     # path) that a fresh machine resumes from, and a webhook told of start/checkpoint/stop/crash/finish
     mirror: str = ""
     notify: str = ""
+    # money (rodin/budget.py): the price of one GPU for an hour, in any currency, and a cap on what the run
+    # spends over all its launches (0: none); at the cap it checkpoints and exits 0. A price alone only reports.
+    price_per_hour: float = 0.0
+    max_cost: float = 0.0
     sample_every: int = 0  # 0: only at the end
     sample_tokens: int = 60
     # hardware
@@ -121,6 +137,7 @@ class TrainConfig:
                              "--grad_clip=0 and no batch ramp-up (gradients are gone before they could be summed or clipped)")
         if self.rampup_start and not (0 < self.rampup_increment and 0 < self.rampup_steps < self.max_steps):
             raise ValueError("batch ramp-up needs rampup_increment > 0 and 0 < rampup_steps < max_steps")
+        check_spot_options(self)
 
 
 def check_optimizer(cfg):
@@ -198,6 +215,7 @@ class SFTConfig(TrainConfig):
         if self.keep_checkpoints < 2:
             raise ValueError("keep_checkpoints must be >= 2: the newest checkpoint may be mid-write when a machine dies")
         check_optimizer(self)
+        check_spot_options(self)
 
 
 SFT_PRESETS = {

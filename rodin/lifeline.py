@@ -4,13 +4,16 @@ mirror (rodin/mirror.py) and the webhook (rodin/notify.py), both held by rank 0 
     with Lifeline(cfg, run_dir) as lifeline:   # an exception is reported as a "crash" event
         lifeline.restore()                       # a fresh machine: the newest mirrored checkpoint
         lifeline.send("start", step=0)
-        lifeline.checkpointed(path, step)        # after every save: event + background upload
+        lifeline.checkpointed(path, step, **figures)  # after every save: event + background upload
         lifeline.wait_for_uploads()              # before exiting, so the last checkpoint is safe
+        lifeline.stopped(reason, step, ...)      # a run that stops before its end says why: an event too
 """
 
 from rodin import checkpoint, distributed
 from rodin.mirror import Mirror
 from rodin.notify import Notifier
+
+STOP_EVENTS = {"budget": "budget", "stop_at_step": "paused"}  # any other reason of run_steps is a signal
 
 
 class Lifeline:
@@ -18,7 +21,7 @@ class Lifeline:
         main = distributed.is_main()
         self.run_dir, self.mirror_url = run_dir, cfg.mirror
         self.notifier = Notifier(cfg.notify if main else "", cfg.name)
-        self.mirror = Mirror(cfg.mirror, cfg.keep_checkpoints) if cfg.mirror and main else None
+        self.mirror = Mirror(cfg.mirror, cfg.keep_checkpoints, cfg.keep_every) if cfg.mirror and main else None
 
     def __enter__(self):
         return self
@@ -41,10 +44,21 @@ class Lifeline:
     def send(self, event, **fields):
         self.notifier.send(event, **fields)
 
-    def checkpointed(self, path, step):
-        self.notifier.send("checkpoint", step=step, path=path)
+    def checkpointed(self, path, step, **fields):
+        self.notifier.send("checkpoint", step=step, path=path, **fields)
         if self.mirror is not None:
             self.mirror.submit(path, on_done=lambda remote: self.notifier.send("mirrored", step=step, url=remote))
+
+    def stopped(self, reason, step, steps_left, budget, outcome="checkpoint written"):
+        """Say (on rank 0) why the run stops at `step` before its end, run_steps' reason, and send the
+        event: budget, paused or preempted, with the money figures of the Budget."""
+        if reason == "budget":
+            line = budget.stop_line(step, steps_left, outcome)
+        else:
+            line = f"{reason}: {outcome} at step {step}; relaunch the same command to resume"
+        if distributed.is_main():
+            print(line)
+        self.notifier.send(STOP_EVENTS.get(reason, "preempted"), step=step, reason=reason, **budget.figures(steps_left))
 
     def wait_for_uploads(self):
         if self.mirror is not None:

@@ -1,6 +1,9 @@
 """The training loop that pretraining (train.py) and SFT (sft.py) share: run_steps (schedule,
 step, log, evaluate, checkpoint, stop at the same step on every rank), one optimizer step over
 micro-batches, held-out evaluation, and the stop flag set by the signals a spot machine sends.
+
+Every decision that ends a step (a signal, a checkpoint that the clock makes due, the budget) is
+agreed in the step's one all-reduce: a signal counts on any rank, the clock and the money on rank 0.
 """
 
 import math
@@ -13,6 +16,8 @@ from tqdm import tqdm
 from rodin import distributed
 from rodin.device import peak_memory_gib
 from rodin.optim import lr_at, set_lr
+
+clock = time.monotonic  # when a checkpoint falls due by the clock (rank 0's); the tests replace it
 
 
 def to_device(batch, device, loss_fn=None):
@@ -119,15 +124,17 @@ def run_steps(cfg, state, **parts):
 
 
 def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_fn, run_eval, save_checkpoint, log,
-          sequences_at, tokens_in, flops_per_token=None, peak=None, sample=None):
-    """The step loop that pretraining and SFT share: schedule, step, log, evaluate, checkpoint, and
-    stop at the same step on every rank when a signal arrives.
+          sequences_at, tokens_in, budget, flops_per_token=None, peak=None, sample=None):
+    """The step loop that pretraining and SFT share: schedule, step, log, evaluate, checkpoint (every
+    cfg.ckpt_every steps, every cfg.ckpt_every_minutes, at milestones), and stop at the same step on
+    every rank when a signal arrives or the budget (a rodin.budget.Budget) is spent.
 
     state: a dict with "step" and "tokens_seen", advanced in place (save_checkpoint reads it).
     sequences_at(step): sequences per step over all ranks (a batch ramp-up changes it).
     tokens_in(batch): the tokens this rank's micro-batch counts for (summed over ranks each step).
     run_eval(): {"val_loss": …, …}. log: a RunLog, or None on ranks other than 0.
-    sample(step): called every cfg.sample_every steps. Returns (last loss, stop reason or None)."""
+    sample(step): called every cfg.sample_every steps. Returns (last loss, stop reason or None); the
+    reason "budget" when the cap stopped the run."""
     world = distributed.world_size()
     per_micro_step = cfg.micro_batch_size * world
 
@@ -138,7 +145,8 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
         step_tokens[0] += tokens_in(batch)
         return batch
 
-    stopping = False
+    stopping = signalled = over_budget = False
+    decides = distributed.rank() == 0  # the clock and the money are rank 0's
     if state["step"] == 0:
         record = {"step": 0, **run_eval(), "tokens_seen": 0}
         if log is not None:
@@ -148,6 +156,8 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
     model.train()
     loss = float("nan")  # a relaunch of a finished run trains no step
     last_time, last_step, last_tokens = time.time(), state["step"], state["tokens_seen"]
+    last_checkpoint = clock()
+    budget.measure(state["step"])
     end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     while state["step"] < end and not stopping:
         step = state["step"]
@@ -157,11 +167,15 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
         step_tokens[0] = 0
         step_loss, grad_norm = train_step(model, optimizer, counted_batch, sequences // per_micro_step, cfg.grad_clip,
                                           device, amp, loss_fn)
-        # one all-reduce a step: every rank's tokens, and whether any rank got a stop signal
-        tokens, stop_votes = distributed.sum_over_ranks([step_tokens[0], float(bool(stop))], device)
+        # one all-reduce a step: every rank's tokens, whether any rank got a stop signal, and rank 0's
+        # verdicts: a checkpoint is due by the clock, the budget is spent
+        due = decides and 0 < cfg.ckpt_every_minutes <= (clock() - last_checkpoint) / 60
+        tokens, stop_votes, due_votes, budget_votes = distributed.sum_over_ranks(
+            [step_tokens[0], float(bool(stop)), float(due), float(decides and budget.exhausted())], device)
         state["tokens_seen"] += int(tokens)
         step = state["step"] = step + 1
-        stopping = stop_votes > 0  # so every rank stops at the same step
+        signalled, over_budget = stop_votes > 0, budget_votes > 0
+        stopping = signalled or over_budget  # so every rank stops at the same step
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             loss = distributed.mean_over_ranks(float(step_loss), device)
@@ -173,6 +187,8 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
                       "peak_mem_gib": peak_memory_gib(device)}
             if peak and flops_per_token:
                 record["mfu"] = tokens_per_s * flops_per_token / (peak * world)
+            budget.measure(step)
+            record.update(budget.figures(cfg.max_steps - step))
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 record.update(run_eval())
             if log is not None:
@@ -181,15 +197,21 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", mem=f"{record['peak_mem_gib']:.1f}G",
                                 **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}),
                                 eta=f"{eta_min // 60}h{eta_min % 60:02d}",
+                                **({"spent": f"{record['cost']:.2f}"} if "cost" in record else {}),
+                                **({"to_finish": f"{record['cost_to_finish']:.2f}"} if "cost_to_finish" in record else {}),
                                 **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
                 if "val_loss" in record:
                     log.plot()
             last_time, last_step, last_tokens = time.time(), step, state["tokens_seen"]
         if sample is not None and cfg.sample_every and step % cfg.sample_every == 0:
             sample(step)
-        if step % cfg.ckpt_every == 0 or step == end or stopping:
+        milestone = cfg.keep_every and step % cfg.keep_every == 0
+        if step % cfg.ckpt_every == 0 or milestone or due_votes > 0 or step == end or stopping:
             save_checkpoint()
+            last_checkpoint = clock()
     bar.close()
-    if stopping or state["step"] < cfg.max_steps:
-        return loss, stop.signal or ("stop on another rank" if stopping else "stop_at_step")
+    if over_budget and state["step"] < cfg.max_steps:
+        return loss, "budget"
+    if signalled or state["step"] < cfg.max_steps:
+        return loss, stop.signal or ("stop on another rank" if signalled else "stop_at_step")
     return loss, None

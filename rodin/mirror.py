@@ -20,7 +20,7 @@ import warnings
 
 import fsspec
 
-from rodin.checkpoint import MANIFEST, checkpoint_root, verify
+from rodin.checkpoint import MANIFEST, checkpoint_root, prunable, verify
 from rodin.io import atomic_write_text, fsync_dir
 
 
@@ -33,10 +33,10 @@ def sha256(path):
 
 
 class Mirror:
-    def __init__(self, url, keep=2):
+    def __init__(self, url, keep=2, keep_every=0):
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self.keep = keep
+        self.keep, self.keep_every = keep, keep_every  # as the run directory: the newest `keep` and the milestones
         self.queue = queue.Queue()
         self.errors = []
         self.thread = None
@@ -108,7 +108,7 @@ class Mirror:
         return remote
 
     def prune(self):
-        for name in self.complete()[: -self.keep]:
+        for name in prunable(self.complete(), self.keep, self.keep_every):
             # the manifest goes first, so a half-deleted checkpoint is never taken for complete
             self.fs.rm(f"{self.root}/{name}/{MANIFEST}")
             self.fs.rm(f"{self.root}/{name}", recursive=True)

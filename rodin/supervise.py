@@ -4,9 +4,11 @@ backoff, until it is complete — and give up when it keeps failing at the same 
     python -m rodin.supervise --run_dir=runs/rodin-1b -- torchrun --nproc_per_node=8 --max-restarts=3 train.py --preset=b200
 
 torchrun's --max-restarts restarts workers inside one launch; this supervisor restarts the launch
-itself. A run is complete when its newest checkpoint has reached the config's max_steps. A launch
-that ends without the checkpoint step advancing counts as a failure; max_failures of those in a
-row (a NaN loss, a bad node, a full disk) stop the loop instead of burning money.
+itself. A run is complete when its newest checkpoint has reached the config's max_steps. A run
+whose newest checkpoint records that it has spent its --max_cost (rodin/budget.py) is not relaunched:
+only a higher cap, given by a person, continues it. A launch that ends without the checkpoint step
+advancing counts as a failure; max_failures of those in a row (a NaN loss, a bad node, a full disk)
+stop the loop instead of burning money.
 """
 
 import argparse
@@ -15,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from rodin import checkpoint
+from rodin import budget, checkpoint
 
 
 def run_progress(run_dir):
@@ -27,9 +29,16 @@ def run_progress(run_dir):
     return meta["step"], meta.get("config", {}).get("max_steps")
 
 
+def spent_budget(run_dir):
+    """The budget record of the newest complete checkpoint if the run has spent its cap, else None."""
+    path = checkpoint.latest(run_dir)
+    record = checkpoint.read_meta(path).get("budget") if path else None
+    return record if budget.reached(record) else None
+
+
 def supervise(command, run_dir, max_failures=3, backoff_s=10.0, max_backoff_s=600.0, log=print):
-    """Run `command` until the run completes; returns 0, or 1 after max_failures launches in a
-    row that made no progress."""
+    """Run `command` until the run completes or has spent its budget; returns 0, or 1 after
+    max_failures launches in a row that made no progress."""
     failures, launches = 0, 0
     child = None
 
@@ -49,6 +58,11 @@ def supervise(command, run_dir, max_failures=3, backoff_s=10.0, max_backoff_s=60
             step_after, max_steps = run_progress(run_dir)
             if code == 0 and max_steps is not None and step_after >= max_steps:
                 log(f"supervise: run complete at step {step_after} after {launches} launch(es)")
+                return 0
+            spent = spent_budget(run_dir)
+            if spent is not None:  # relaunching would train nothing: only a higher cap continues
+                log(f"supervise: the run spent its budget ({spent['cost']:.2f} of --max_cost={spent['max_cost']:g}) at "
+                    f"step {step_after} (exit code {code}); not relaunching. To continue, relaunch with a higher --max_cost")
                 return 0
             failures = 0 if step_after > step_before else failures + 1
             if failures >= max_failures:

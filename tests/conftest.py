@@ -4,6 +4,7 @@ import dataclasses
 import gzip
 import itertools
 import os
+import signal
 import sys
 
 import pytest
@@ -29,6 +30,23 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+# the handlers of SIGTERM, SIGINT and SIGUSR1 before any test (rodin.loop.StopFlag.SIGNALS)
+DEFAULT_HANDLERS = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+
+
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+    """A run in this process (train.main, sft.main, also in a module fixture) keeps SIGTERM, SIGINT
+    and SIGUSR1 for its stop flag. Each test starts and ends with the default handlers again, or the
+    workers a process pool forks (data/encode.py) would shrug off Pool.terminate's SIGTERM, a hang,
+    and Ctrl-C would not stop pytest."""
+    for s, handler in DEFAULT_HANDLERS.items():
+        signal.signal(s, handler)
+    yield
+    for s, handler in DEFAULT_HANDLERS.items():
+        signal.signal(s, handler)
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +106,33 @@ def make_run(root, tokenizer_path, tied=True, kv_heads=2, name="run", step=3, se
     run_dir = os.path.join(str(root), name)
     checkpoint.save(run_dir, step, model, make_optimizer(model, 1e-3, 0.1, (0.9, 0.95)), meta, keep=keep)
     return run_dir, model
+
+
+@pytest.fixture
+def step_clock(monkeypatch):
+    """A fake wall clock for rodin.loop (checkpoints by the clock) and rodin.budget (money) that
+    moves only while a training step runs: the n-th step of this process takes step_clock.seconds(n)
+    seconds (0 until a test sets it), so runs that depend on time are exact and instant."""
+    from rodin import budget, loop
+
+    class StepClock:
+        now, steps = 0.0, 0
+
+        def seconds(self, n):
+            return 0.0
+
+        def __call__(self):
+            return self.now
+
+    clock = StepClock()
+    real_step = loop.train_step
+
+    def timed_step(*args, **kwargs):
+        clock.steps += 1
+        clock.now += clock.seconds(clock.steps)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "clock", clock)
+    monkeypatch.setattr(budget, "clock", clock)
+    monkeypatch.setattr(loop, "train_step", timed_step)
+    return clock

@@ -6,6 +6,8 @@ import itertools
 import json
 import os
 import random
+import subprocess
+import sys
 
 from unittest.mock import ANY
 
@@ -14,8 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import CORPUS
+from conftest import CORPUS, ROOT
 from data import clean, download, encode, mix, train_tokenizer
+from rodin import checkpoint
+from rodin.config import PRESETS
 from rodin.dedup import MinHasher, find_duplicates
 from rodin.mixture import documents, load_manifest
 from rodin.records import read_jsonl
@@ -171,6 +175,18 @@ def test_bad_input_is_counted_and_the_good_documents_kept(tmp_path):
     kept = [r["text"] for r in shard_records(tmp_path / "out" / "bad")]
     assert kept[:3] == [good[0].replace("\n", " "), good[1].replace("\n", " "), good[2]]
     assert len(kept) > 3 + 50  # what was readable before the truncation of c.jsonl.gz
+
+
+def test_a_source_whose_text_field_is_wrong_stops_early_and_the_others_still_download(hub, tmp_path):
+    rows = download.MISSING_FIELD_LIMIT + 500
+    pq.write_table(pa.table({"body": ["Un texte que personne ne lira."] * rows}), tmp_path / "wrong.parquet", row_group_size=100)
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"sources": {
+        "wrong": {"hub": "parquet", "data_files": [str(tmp_path / "wrong.parquet")], "split": "train", "text_field": "text"},
+        "legi": {"local": [str(hub["root"] / "legi")], "text_field": "text"}}}))
+    with pytest.raises(SystemExit, match=r"source 'wrong': none of its first 1000 rows has the text field 'text'"):
+        download.main([f"--registry={registry}", f"--out_dir={tmp_path / 'raw'}"])
+    assert len(shard_records(tmp_path / "raw" / "legi")) == 40
 
 
 def test_near_dedup_finds_the_planted_near_duplicates(tmp_path):
@@ -350,3 +366,56 @@ def test_encode_from_the_start_removes_stale_shards_the_trainer_would_read(pipel
         (tmp_path / stale).write_bytes(b"old")
     encode.main([corpus_slice, f"--tokenizer={pipeline['tokenizer']}", f"--out_dir={tmp_path}", "--workers=1"])
     assert sorted(p.name for p in tmp_path.glob("*.bin")) == ["train-00000.bin", "val-00000.bin"]
+
+
+STAGES = ("data/download.py", "data/clean.py", "data/mix.py", "data/train_tokenizer.py", "data/encode.py")
+
+
+def make(*args, tmp_path):
+    """`make ARGS` in the repository, with a stand-in for the set-up stamp (the tests' Python is set up),
+    on one process and without the variables of a `make test` that runs this test."""
+    venv = tmp_path / "venv"
+    venv.mkdir(exist_ok=True)
+    (venv / ".installed").touch()
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", "-C", ROOT, "NPROC=1", "ARGS=", *args, f"VENV={venv}", f"PY={sys.executable}"],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_make_pretrain_3090_builds_the_french_corpus_in_five_stages_then_trains_and_skips_them_once_done(hub, tmp_path):
+    # the Hub is the local mini hub; the budget is 30 KB a source, the vocabulary the test model's
+    corpus = [f"FR_DATA={tmp_path / 'fr'}", f"FR_WORK={tmp_path / 'work'}", f"REGISTRY={hub['registry']}",
+              "FR_SOURCES=wikipedia,legi,hplt", "VOCAB=512", "MIX_ARGS=--val_fraction=0.1"]
+    # the 3090 preset (recomputed blocks, AdamW in backward, chunked loss) with the test model's shape
+    shrink = (f"ARGS=--model=test --seq_len=32 --micro_batch_size=4 --max_steps=2 --warmup_steps=1 --eval_batches=1 "
+              f"--sample_tokens=8 --device=cpu --wandb=disabled --tqdm=false --out_dir={tmp_path / 'runs'}")
+    done = make("pretrain", "PRESET=3090", *corpus, "MAX_BYTES=30K", shrink, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert all(stage in done.stdout for stage in STAGES)
+    for source in ("wikipedia", "hplt"):  # stopped by the byte budget, not by the end of the source
+        state = json.loads((tmp_path / "work" / "raw" / source / "state.json").read_text())
+        assert not state["done"] and 30_000 <= state["bytes"] < 40_000, state
+    meta = checkpoint.read_meta(checkpoint.latest(tmp_path / "runs" / "rodin-1b-3090"))
+    assert meta["step"] == 2 and meta["config"]["data_dir"] == str(tmp_path / "fr")
+    assert meta["config"]["optimizer_in_backward"] and meta["config"]["activation_checkpointing"] == "full"
+    assert meta["tokenizer"] == Tokenizer(str(tmp_path / "fr" / "tokenizer.model")).fingerprint
+
+    again = make("pretrain", "PRESET=3090", *corpus, "MAX_BYTES=30K", shrink, tmp_path=tmp_path)
+    assert again.returncode == 0 and not any(stage in again.stdout for stage in STAGES)  # every stage is done
+    # a larger budget: the download continues, and every stage after it is redone
+    more = make("-n", "data", "PRESET=b200", *corpus, "MAX_BYTES=60K", tmp_path=tmp_path)
+    assert all(stage in more.stdout for stage in STAGES) and f"rm -rf {tmp_path / 'work' / 'clean'}" in more.stdout
+
+
+def test_make_builds_the_french_corpus_for_the_presets_that_train_on_it_and_the_demo_data_as_before(tmp_path):
+    for name, cfg in PRESETS.items():
+        dry = make("-n", "pretrain", f"PRESET={name}", f"DEMO={tmp_path / 'demo'}", f"FR_WORK={tmp_path / 'work'}",
+                   tmp_path=tmp_path)
+        commands = [line.split(" ", 1)[1] for line in dry.stdout.splitlines() if line.startswith(sys.executable)]
+        if cfg.data_dir == "data/fr":
+            assert [c.split()[0] for c in commands] == [*STAGES, "train.py"], name
+            assert commands[-1].split() == ["train.py", f"--preset={name}", "--data_dir=data/fr", f"--tokenizer={cfg.tokenizer}"]
+        elif cfg.data_dir == "data/demo":  # what make pretrain has always run
+            assert commands == [f"data/train_tokenizer.py data/littre-citations.txt.gz --model=demo --out={tmp_path}/demo/tokenizer.model",
+                                f"data/encode.py data/littre-citations.txt.gz --tokenizer={tmp_path}/demo/tokenizer.model --out_dir={tmp_path}/demo",
+                                f"train.py --preset={name}  "], name

@@ -215,3 +215,45 @@ def test_a_run_moves_from_one_process_to_two_ranks_and_back_with_the_losses_of_o
     moved, straight = losses(tmp_path / "moving"), losses(tmp_path / "straight")
     assert len(moved) == 6 + 2 and len(straight) == 9 + 4
     assert moved == pytest.approx(straight[-len(moved):], rel=1e-5 if optimizer == "adamw" else 1e-4)
+
+
+def train_on_two_ranks_with_rank_0_slowed(rank, port, argv, out_dir):
+    """One rank of a 2-process gloo group running train.main(argv). Only rank 0's clock moves, 2
+    minutes a step: checkpoints by the clock and the budget are rank 0's to decide, for both."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from rodin import budget, loop
+
+    now = [0.0]
+    real_step = loop.train_step
+
+    def timed_step(*args, **kwargs):
+        now[0] += 120.0 if rank == 0 else 0.0
+        return real_step(*args, **kwargs)
+
+    loop.clock = budget.clock = lambda: now[0]
+    loop.train_step = timed_step
+    code = train.main(argv)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"code": code, "clock": now[0]}, f)
+
+
+def test_all_ranks_follow_rank_0_clock_for_checkpoints_and_budget_within_the_step_all_reduce(demo_data, tmp_path):
+    # 2 GPUs x 2 minutes x 15 an hour = 1 a step; a checkpoint every 5 minutes; a cap of 7
+    argv = common(demo_data, tmp_path, "run") + ["--micro_batch_size=2", "--max_steps=20", "--ckpt_every=1000",
+                                                 "--ckpt_every_minutes=5", "--keep_checkpoints=5",
+                                                 "--price_per_hour=15", "--max_cost=7"]
+    ranks = mp.spawn(train_on_two_ranks_with_rank_0_slowed, args=(free_port(), argv, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.time() + 120
+    while not ranks.join(timeout=5):  # ranks that disagreed would wait on each other's collectives forever
+        if time.time() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the ranks did not stop together (a collective one of them never joined)")
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["code"] for r in results] == [0, 0] and results[1]["clock"] == 0.0  # rank 1 never saw time pass
+    run_dir = tmp_path / "run"
+    # by the clock after steps 3 and 6 (6 minutes each time), and at the cap after step 7, on both ranks (DCP)
+    assert [checkpoint.step_of(p) for p in checkpoint.complete_checkpoints(run_dir)] == [3, 6, 7]
+    meta = checkpoint.read_meta(checkpoint.latest(run_dir))
+    assert meta["world_size"] == 2 and meta["budget"]["cost"] == pytest.approx(7.0)

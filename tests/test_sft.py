@@ -261,6 +261,23 @@ def test_sft_on_a_spot_machine_is_mirrored_announced_and_restored_from_the_mirro
     assert steps(resumed) == steps(straight)
 
 
+def test_sft_stops_at_its_budget_and_the_spending_follows_it_to_a_fresh_machine(pretrained, tmp_path, step_clock, capsys):
+    step_clock.seconds = lambda n: 3600.0  # an hour a step, at 2 an hour
+    data = write_jsonl(tmp_path / "littre.jsonl", littre_slice(60))
+    spot = ("--val_fraction=0.2", "--max_steps=6", "--ckpt_every=100", f"--mirror={tmp_path / 'bucket'}", "--price_per_hour=2")
+    run_dir = run_sft(pretrained, tmp_path, data, *spot, "--max_cost=4")
+    assert "budget: 4.00 spent of --max_cost=4" in capsys.readouterr().out
+    assert checkpoint.read_meta(checkpoint.latest(run_dir))["budget"]["cost"] == 4.0
+    shutil.rmtree(run_dir)  # the machine is gone, and its disk with it: the mirror remembers the money
+    run_sft(pretrained, tmp_path, data, *spot, "--max_cost=4")
+    assert "at step 2; no step trained" in capsys.readouterr().out and step_clock.steps == 2
+    with pytest.raises(ValueError, match="--max_cost=3 does not exceed the 4.00"):
+        run_sft(pretrained, tmp_path, data, *spot, "--max_cost=3")
+    run_sft(pretrained, tmp_path, data, *spot, "--max_cost=20")
+    meta = checkpoint.read_meta(checkpoint.latest(run_dir))
+    assert meta["step"] == 6 and meta["budget"]["cost"] == 12.0
+
+
 def sft_torchrun(pretrained, out_dir, data, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", os.path.join(ROOT, "sft.py"),
            "--preset=test", f"--init_from={pretrained}", f"--data={data}", f"--out_dir={out_dir}", "--seq_len=128", *args]

@@ -38,3 +38,15 @@ def test_the_supervisor_gives_up_after_n_launches_that_make_no_progress(tmp_path
     command = [sys.executable, "-c", "import sys; sys.exit(3)"]
     assert supervise(command, tmp_path / "run", max_failures=3, backoff_s=0.01, log=messages.append) == 1
     assert sum(m.startswith("supervise: launch") for m in messages) == 3 and "giving up" in messages[-1]
+
+
+def test_the_supervisor_does_not_relaunch_a_run_stopped_by_its_budget(demo_data, tmp_path):
+    # a cap that the first step's seconds already exceed: the run checkpoints, exits 0, and stays stopped
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--preset=test", f"--data_dir={demo_data['dir']}",
+               f"--tokenizer={demo_data['tokenizer']}", f"--out_dir={tmp_path}", "--name=run", "--max_steps=12",
+               "--price_per_hour=1", "--max_cost=1e-9"]
+    messages = []
+    assert supervise(command, tmp_path / "run", max_failures=3, backoff_s=0.01, log=messages.append) == 0
+    assert sum(m.startswith("supervise: launch") for m in messages) == 1
+    assert "spent its budget" in messages[-1] and "not relaunching" in messages[-1] and "exit code 0" in messages[-1]
+    assert checkpoint.read_meta(checkpoint.latest(tmp_path / "run"))["step"] == 1

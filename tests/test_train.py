@@ -76,6 +76,26 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(demo_data, tmp_pat
         assert {r["lr"] for r in records[2:10]} == {1e-2} and records[-1]["lr"] < 1e-2  # stable, then decay
 
 
+def test_a_run_whose_steps_slow_down_gets_its_checkpoints_by_the_clock(demo_data, tmp_path, step_clock):
+    step_clock.seconds = lambda n: 0.0 if n <= 3 else 120.0  # from the 4th step on, 2 minutes a step
+    run = run_train(demo_data, tmp_path, "--max_steps=12", "--ckpt_every=1000", "--ckpt_every_minutes=5",
+                    "--keep_checkpoints=10")
+    # 5 minutes after the start (or the last checkpoint) falls within steps 6 and 9; 12 is the end
+    assert [checkpoint.step_of(p) for p in checkpoint.complete_checkpoints(run)] == [6, 9, 12]
+
+
+def test_milestone_checkpoints_survive_pruning_in_the_run_directory_and_in_the_mirror(demo_data, tmp_path):
+    from rodin.mirror import Mirror
+
+    remote = f"file://{tmp_path / 'remote'}"
+    run = run_train(demo_data, tmp_path, "--max_steps=12", "--ckpt_every=2", "--keep_checkpoints=2", "--keep_every=3",
+                    f"--mirror={remote}")
+    # every multiple of 3 is written and kept, beside the newest two of the others
+    kept = ["step-0000003", "step-0000006", "step-0000009", "step-0000010", "step-0000012"]
+    assert [os.path.basename(p) for p in checkpoint.complete_checkpoints(run)] == kept
+    assert Mirror(remote).complete() == kept
+
+
 def test_resuming_with_another_model_shape_is_refused(demo_data, tmp_path):
     run_train(demo_data, tmp_path, "--max_steps=2")
     with pytest.raises(ValueError, match="trained with model"):
