@@ -20,7 +20,7 @@ import dataclasses
 import os
 import sys
 
-from rodin import checkpoint, distributed
+from rodin import checkpoint, distributed, preflight
 from rodin.config import config_to_dict, parse_args, save_config
 from rodin.data import TrainBatches, Windows, eval_batches, find_shards, held_out_sets
 from rodin.device import autocast, peak_flops, resolve_dtype
@@ -78,6 +78,7 @@ def train(cfg, device, lifeline):
     rank, world = distributed.rank(), distributed.world_size()
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
+    preflight.check(cfg, device, world, distributed.compiles(cfg, device))  # before anything costs time or is written
     amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
 
     tokenizer = Tokenizer(cfg.tokenizer)

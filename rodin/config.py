@@ -72,6 +72,7 @@ class TrainConfig:
     optimizer_in_backward: bool = False  # step each parameter as its gradient completes, then free it; needs grad_accum_steps=1, grad_clip=0
     loss_chunk: int = 0  # > 0: cross-entropy over this many positions at a time; full fp32 logits never exist
     compile: str = "auto"  # auto (on for cuda) | on | off: torch.compile each block
+    check_memory: bool = True  # on CUDA, refuse before the first step a run whose estimated peak exceeds the card (rodin/preflight.py)
     # run directory, evaluation, checkpoints
     out_dir: str = "runs"
     name: str = "demo"
