@@ -87,15 +87,17 @@ def memory_fix(cfg, world, dtype, total):
             fixed = dataclasses.replace(cfg, activation_checkpointing=mode, micro_batch_size=micro_batch)
             if estimate_peak_gib(fixed, world, dtype) <= total:
                 options = [f"--activation_checkpointing={mode}"] if mode != cfg.activation_checkpointing else []
+                sequences = cfg.grad_accum_steps * cfg.micro_batch_size
                 if micro_batch != cfg.micro_batch_size:
                     options.append(f"--micro_batch_size={micro_batch}")
-                    if not cfg.optimizer_in_backward:  # which cannot accumulate: there the batch shrinks
-                        options.append(f"--grad_accum_steps={cfg.grad_accum_steps * cfg.micro_batch_size // micro_batch}")
+                    # the same batch, unless the optimizer steps in backward (it cannot accumulate)
+                    if not cfg.optimizer_in_backward and sequences % micro_batch == 0:
+                        options.append(f"--grad_accum_steps={sequences // micro_batch}")
                 return " ".join(options) + f" fits (~{estimate_peak_gib(fixed, world, dtype):.1f} GiB)"
             micro_batch //= 2
     state = state_bytes(cfg, world) / GIB
-    stepped_in_backward = dataclasses.replace(cfg, optimizer_in_backward=True, grad_accum_steps=1, grad_clip=0.0, rampup_start=0,
-                                              micro_batch_size=1, activation_checkpointing="full")
+    stepped_in_backward = dataclasses.replace(cfg, optimizer_in_backward=True, grad_accum_steps=1, grad_clip=0.0,
+                                              rampup_start=0, micro_batch_size=1, activation_checkpointing="full")
     if world == 1 and not cfg.optimizer_in_backward and estimate_peak_gib(stepped_in_backward, 1, dtype) <= total:
         return (f"weights, gradients and optimizer state alone need ~{state:.1f} GiB: --optimizer_in_backward=true "
                 "--grad_accum_steps=1 --grad_clip=0 with smaller micro-batches, or several GPUs under torchrun")

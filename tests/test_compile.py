@@ -51,8 +51,9 @@ def test_compiled_training_gives_the_losses_of_eager_training(demo_data, tmp_pat
 
 
 def test_evaluation_and_sampling_between_compiled_steps_compile_nothing(demo_data, tmp_path):
-    # before they ran eager, this run compiled 4 graphs: training, evaluation (no grad), and
-    # sampling's prompt and its one-token steps (no autocast; start_pos and length change)
+    # before they ran eager, this run compiled 6 graphs: training, evaluation (no grad), sampling's
+    # prompt and its one-token steps (no autocast; start_pos and length change), and training again
+    # after the first sampling had moved the KV-cache attribute into the block's submodules
     losses = run(demo_data, tmp_path, "--compile=on", "--dtype=bf16", "--max_steps=6", "--eval_every=2",
                  "--sample_every=2", "--sample_tokens=12")
     assert len(losses) == 6 + 4

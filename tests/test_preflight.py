@@ -104,10 +104,10 @@ def test_compile_without_its_compiler_stops_naming_compile_off(demo_data, tmp_pa
     from torch._inductor import config as inductor_config
     from torch._inductor.cpp_builder import cpp_compiler_search
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
     cpp_compiler_search.cache_clear()
-    try:
-        with pytest.raises(ValueError, match=r"torch.compile on the CPU needs a C\+\+ compiler .* or --compile=off"):
+    try:  # torch's own patch: monkeypatch's undo would delete the option from torch's config
+        with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), pytest.raises(
+                ValueError, match=r"torch.compile on the CPU needs a C\+\+ compiler .* or --compile=off"):
             train.main(["--preset=test", "--compile=on", *run_args(demo_data, tmp_path)])
     finally:
         cpp_compiler_search.cache_clear()
