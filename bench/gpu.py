@@ -5,13 +5,14 @@
     python bench/gpu.py --quick             # the same items on the CPU, test shapes (for the test suite)
 
 Frozen decisions:
-- Items, in this order: `tests` (pytest -m gpu); `throughput` (rodin-1b's training step at context
-  2048, micro-batch 8, bf16, against transformers' LlamaForCausalLM in the same run: tokens/s, MFU,
-  peak memory, eager); `throughput_compiled` (ours compiled per block as train.py does, against
-  stock transformers); `preset_3090` (train.py --preset=3090 under a 24 GiB cap: tokens/s, MFU,
-  peak); `memory` (the quick estimate of rodin/preflight.py and bench/memory_estimate.py's
-  fake-tensor one against torch.cuda.max_memory_allocated, eager, 3090 and b200 presets);
-  `fsdp` (train.py --preset=b200 under torchrun over every GPU: NCCL, bf16, FSDP2; 2 GPUs or more).
+- Items, figures first: `throughput` (rodin-1b's training step at context 2048, micro-batch 8,
+  bf16, against transformers' LlamaForCausalLM in the same run: tokens/s, MFU, peak memory,
+  eager); `preset_3090` (train.py --preset=3090 under a 24 GiB cap: tokens/s, MFU, peak);
+  `memory` (the quick estimate of rodin/preflight.py and bench/memory_estimate.py's fake-tensor
+  one against torch.cuda.max_memory_allocated, eager, 3090 and b200 presets);
+  `throughput_compiled` (ours compiled per block as train.py does, against stock transformers);
+  `tests` (pytest -m gpu); `fsdp` (train.py --preset=b200 under torchrun over every GPU: NCCL,
+  bf16, FSDP2; 2 GPUs or more). What the budget leaves out, a second call runs with --only.
 - Each item runs in its own process with a timeout, so an out-of-memory error or a hang ends that
   item only, and leaves a row in bench/RESULTS.md whatever happens (figures, or failed/timed
   out/skipped and why): a lease that ends early still leaves a record of what was measured.
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,11 +39,11 @@ from bench.results import report  # noqa: E402
 GIB = 2**30
 # name: (seconds it may take on an H100/H200, what it measures)
 ITEMS = {
-    "tests": (180, "pytest -m gpu"),
     "throughput": (120, "rodin-1b vs transformers, eager"),
-    "throughput_compiled": (180, "rodin-1b compiled per block vs transformers"),
     "preset_3090": (180, "train.py --preset=3090 under a 24 GiB cap"),
     "memory": (200, "memory estimates against the allocator"),
+    "throughput_compiled": (180, "rodin-1b compiled per block vs transformers"),
+    "tests": (240, "pytest -m gpu"),
     "fsdp": (180, "train.py --preset=b200 under torchrun, NCCL"),
 }
 
@@ -57,9 +59,11 @@ def run_args(args, data):
 
 def steady_figures(run_dir):
     """tokens/s and MFU (medians of the records after the first, which holds the compilation),
-    and the peak memory of a run directory's metrics."""
+    and the peak memory of a run directory's metrics; the run directory is removed (RODIN-1B's
+    checkpoint is 14 GB)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [r for r in map(json.loads, f) if "tokens_per_s" in r]
+    shutil.rmtree(run_dir)
     steady = records[1:] or records
     figures = {"steps": records[-1]["step"], "tok_s": statistics.median(r["tokens_per_s"] for r in steady),
                "peak_gib": max(r["peak_mem_gib"] for r in records), "loss": records[-1]["loss"]}
@@ -136,6 +140,7 @@ def item_memory(args, data):
         torch.cuda.reset_peak_memory_stats()
         assert train.main(options) == 0
         allocated = torch.cuda.max_memory_allocated() / GIB
+        shutil.rmtree(os.path.join(data["runs"], f"memory_{preset}"))  # its 14 GB checkpoint
         fake = estimate(cfg)["peak"]
         report("gpu_memory", dict(figures, allocated_gib=allocated, quick_error=quick / allocated - 1, fake_gib=fake,
                                   fake_error=fake / allocated - 1), args.results, "cuda")
