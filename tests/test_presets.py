@@ -20,6 +20,7 @@ import types
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import sft
 import train
@@ -129,8 +130,15 @@ def fresh_compile_caches():
     """Each test compiles afresh (from torch's on-disk caches): earlier tests' graphs neither
     count against dynamo's recompile limit nor hide a recompile."""
     torch._dynamo.reset()
+    counters.clear()
     yield
     torch._dynamo.reset()
+
+
+def assert_one_graph_for_all_blocks():
+    """The straight and the resumed run (one process) compiled one graph, without a graph break."""
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["total"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_every_preset_named_for_torchrun_exists():
@@ -145,8 +153,7 @@ def test_preset_compiled_in_bf16_trains_and_resumes_bit_identically(name, demo_d
     resume_from_a_copy(tmp_path / "straight", tmp_path / "resumed", RESUME_AT)
     assert train.main(args + ["--name=resumed"]) == 0
     assert_trained_and_resumed_bit_identically(tmp_path / "straight", tmp_path / "resumed")
-    counters = torch._dynamo.utils.counters
-    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # it did run compiled
+    assert_one_graph_for_all_blocks()
 
 
 def torchrun(args, env=None):
@@ -205,3 +212,4 @@ def test_sft_preset_compiled_in_bf16_on_packed_rows_trains_and_resumes_bit_ident
     resume_from_a_copy(tmp_path / "straight", tmp_path / "resumed", RESUME_AT)
     assert sft.main(args + ["--name=resumed"]) == 0
     assert_trained_and_resumed_bit_identically(tmp_path / "straight", tmp_path / "resumed")
+    assert_one_graph_for_all_blocks()  # rows of every length: compiled dynamic
