@@ -89,7 +89,7 @@ class TrainConfig:
     sample_tokens: int = 60
     # hardware
     device: str = "auto"  # auto: cuda if available, else cpu
-    dtype: str = "auto"  # auto: bf16 autocast on cuda and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32
+    dtype: str = "auto"  # auto: bf16 autocast where native (cuda from compute capability 8.0, CPUs with AVX512-BF16 or AMX), else fp32
     wandb: str = "offline"  # offline | online | disabled
     tqdm: bool = True
 
