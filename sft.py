@@ -19,7 +19,9 @@ import dataclasses
 import os
 import sys
 
-from rodin import checkpoint, distributed
+import torch
+
+from rodin import checkpoint, distributed, preflight
 from rodin.budget import Budget
 from rodin.chat import chat_reply, open_chat_tokenizer
 from rodin.config import SFT_PRESETS, config_to_dict, parse_args, save_config
@@ -82,6 +84,7 @@ def finetune(cfg, device, lifeline):
     cfg = dataclasses.replace(cfg, model=ModelConfig(**source_meta["config"]["model"]), tokenizer=tokenizer.path)
     if cfg.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the max_seq_len={cfg.model.max_seq_len} of {source}")
+    preflight.check(cfg, device, world, distributed.compiles(cfg, device))  # now that the model's shape is known
     amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
     cfg, batch_choice = choose_batch(cfg, world, device)  # --global_batch, --micro_batch_size=auto
     if batch_choice:
@@ -115,7 +118,8 @@ def finetune(cfg, device, lifeline):
             lifeline.stopped("budget", meta["step"], cfg.max_steps - meta["step"], budget, outcome="no step trained")
             return 0
     # no initial weights to draw: init_from or the run's own checkpoint is loaded into the model
-    model = distributed.build_model(cfg, device, init_weights=False)
+    # rows are cut after the longest row of each batch: their length varies (compiled as dynamic)
+    model = distributed.build_model(cfg, device, init_weights=False, varying_length=True)
     optimizer = optimizer_for(model, cfg)
     loss_fn = make_loss_fn(cfg.loss_chunk)
     step, tokens_seen = 0, 0
@@ -194,6 +198,7 @@ def check_resumable(ckpt_path, meta, cfg, tokenizer, rows, global_batch):
     return checkpoint.check_world_size(ckpt_path, meta, global_batch, new_run=f"--init_from={ckpt_path} and another --name")
 
 
+@torch.compiler.set_stance("force_eager")  # sampling runs eager, as rodin.loop.sample_texts
 def held_out_replies(model, tokenizer, conversations, max_new_tokens):
     """Greedy replies to the first user turn of held-out conversations, as 'question -> reply'."""
     was_training = model.training

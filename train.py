@@ -22,7 +22,7 @@ import dataclasses
 import os
 import sys
 
-from rodin import checkpoint, distributed
+from rodin import checkpoint, distributed, preflight
 from rodin.budget import Budget
 from rodin.config import config_to_dict, parse_args, save_config
 from rodin.data import TrainBatches, Windows, eval_batches, find_shards, held_out_sets
@@ -83,6 +83,7 @@ def train(cfg, device, lifeline):
     budget = Budget(cfg.price_per_hour, cfg.max_cost, world)  # this launch's meter starts now
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
+    preflight.check(cfg, device, world, distributed.compiles(cfg, device))  # before anything costs time or is written
     amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
     cfg, batch_choice = choose_batch(cfg, world, device)  # --global_batch, --micro_batch_size=auto
     if batch_choice:

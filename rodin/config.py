@@ -87,6 +87,7 @@ class TrainConfig:
     optimizer_in_backward: bool = False  # step each parameter as its gradient completes, then free it; needs grad_accum_steps=1, grad_clip=0
     loss_chunk: int = 0  # > 0: cross-entropy over this many positions at a time; full fp32 logits never exist
     compile: str = "auto"  # auto (on for cuda) | on | off: torch.compile each block
+    check_memory: bool = True  # on CUDA, refuse before the first step a run whose estimated peak exceeds the card (rodin/preflight.py)
     # run directory, evaluation, checkpoints
     out_dir: str = "runs"
     name: str = "demo"
@@ -109,7 +110,7 @@ class TrainConfig:
     sample_tokens: int = 60
     # hardware
     device: str = "auto"  # auto: cuda if available, else cpu
-    dtype: str = "auto"  # auto: bf16 autocast on cuda and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32
+    dtype: str = "auto"  # auto: bf16 autocast where native (cuda from compute capability 8.0, CPUs with AVX512-BF16 or AMX), else fp32
     wandb: str = "offline"  # offline | online | disabled
     tqdm: bool = True
 

@@ -54,10 +54,19 @@ def cpu_has_native_bf16():
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def cuda_has_native_bf16(device):
+    """Whether a CUDA card computes bf16 natively (compute capability 8.0: A100, RTX 30xx and later).
+    Older ones (V100, T4, RTX 20xx) emulate it, slower than fp32."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_dtype(device, dtype="auto"):
-    """fp32 or bf16: auto is bf16 autocast on CUDA and on CPUs with native bf16, else fp32."""
+    """fp32 or bf16: auto is bf16 autocast where it is native (CUDA cards from compute capability
+    8.0, CPUs with AVX512-BF16 or AMX), else fp32."""
     if dtype == "auto":
-        return "bf16" if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()) else "fp32"
+        if device.type == "cuda":
+            return "bf16" if cuda_has_native_bf16(device) else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype={dtype}: choose auto, fp32 or bf16")
     return dtype

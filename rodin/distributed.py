@@ -43,6 +43,10 @@ def setup(device_name="auto"):
     use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
     if n > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
+        if use_cuda and not dist.is_nccl_available():
+            raise ValueError("torchrun on CUDA needs NCCL, which this torch build lacks (torch.distributed."
+                             "is_nccl_available() is False): install a CUDA build of torch for Linux, or run one "
+                             "process without torchrun")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # a generous timeout: rank 0 may be writing a multi-GB checkpoint while the others wait
@@ -64,10 +68,11 @@ def barrier():
         dist.barrier()
 
 
-def build_model(cfg, device, init_weights=True):
+def build_model(cfg, device, init_weights=True, varying_length=False):
     """This rank's model for a run config (TrainConfig): activation checkpointing and torch.compile
     applied and, under torchrun, sharded with FSDP2. init_weights=False: the caller loads a
-    checkpoint into it next, so under torchrun its shards are left uninitialised."""
+    checkpoint into it next, so under torchrun its shards are left uninitialised. varying_length:
+    batches differ in length (SFT rows), so compiled blocks take it as dynamic from the first one."""
     world = world_size()
     if cfg.optimizer_in_backward and world > 1:
         raise ValueError("optimizer_in_backward is for a single device; under torchrun FSDP already shards gradients "
@@ -79,9 +84,11 @@ def build_model(cfg, device, init_weights=True):
         with torch.device("meta"):
             model = LLaMA(cfg.model)
     activation_checkpoint.apply(model, cfg.activation_checkpointing)
-    if cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda"):
+    if compiles(cfg, device):
         for block in model.layers:
-            block.compile()  # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs
+            # per block, as torchtitan: FSDP's hooks stay outside the compiled graphs. A first static
+            # graph would be compiled again as dynamic at the second length: one graph, not two
+            block.compile(dynamic=True if varying_length else None)
     if world == 1:
         return model
     shard(model, device)
@@ -94,6 +101,11 @@ def build_model(cfg, device, init_weights=True):
             full = LLaMA(cfg.model).state_dict()  # on the CPU: the weights one process would draw
         load_full_into_sharded(model, full, "the initial weights of rank 0")
     return model
+
+
+def compiles(cfg, device):
+    """Whether a run's blocks are compiled: --compile=on, or auto on CUDA."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 
 def shard(model, device):

@@ -50,7 +50,11 @@ def train_step(model, optimizer, next_batch, grad_accum_steps, grad_clip, device
     return total / grad_accum_steps, grad_norm
 
 
+# Only training steps run through compiled blocks. Held-out evaluation (no grad) and sampling (KV
+# cache, no autocast, start_pos and length changing every token) would each compile graphs of their
+# own, 3 more a run, for a small share of its time: they run eager (tests/test_compile.py).
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")
 def evaluate(model, batches, device, autocast, loss_fn=None):
     """Mean loss over the given batches (see to_device) of every rank, weighted by target tokens:
     under torchrun each rank passes its own share of the held-out data."""
@@ -101,6 +105,7 @@ SAMPLE_PROMPTS = ("Le", "La vie est", "Il faut", "Les hommes")
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # see evaluate
 def sample_texts(model, tokenizer, max_new_tokens, prompts=SAMPLE_PROMPTS, seed=0, temperature=0.8, top_k=50):
     """Continuations of fixed French prompts, from a seeded generator (the training RNG is untouched)."""
     was_training = model.training

@@ -94,7 +94,9 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.cache = None  # a KVCache while generating
+        # a KVCache while generating. A module slot from the start: assigning a KVCache would move
+        # the attribute into _modules for good, and a compiled block would recompile for it
+        self.register_module("cache", None)
 
     def forward(self, x, cos, sin, start_pos=0, mask=None):
         B, T, _ = x.shape

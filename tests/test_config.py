@@ -64,6 +64,7 @@ def test_dtype_auto_is_bf16_on_cpus_with_native_bf16_and_fp32_elsewhere(monkeypa
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(device, "cuda_has_native_bf16", lambda d: True)  # a card from compute capability 8.0 (tests/test_preflight.py: older ones)
     assert device.resolve_dtype(cpu) == "bf16" and device.resolve_dtype(cuda) == "bf16"
     assert device.resolve_dtype(cpu, "fp32") == "fp32"
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
