@@ -86,7 +86,7 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full (every block) | half (every other block) | ops (recompute all but matmuls and attention)
     optimizer_in_backward: bool = False  # step each parameter as its gradient completes, then free it; needs grad_accum_steps=1, grad_clip=0
     loss_chunk: int = 0  # > 0: cross-entropy over this many positions at a time; full fp32 logits never exist
-    compile: str = "auto"  # auto (on for cuda) | on | off: torch.compile each block
+    compile: str = "auto"  # auto: on CUDA, and on a CPU for runs of 500 steps or more (distributed.compiles) | on | off: torch.compile each block
     check_memory: bool = True  # on CUDA, refuse before the first step a run whose estimated peak exceeds the card (rodin/preflight.py)
     # run directory, evaluation, checkpoints
     out_dir: str = "runs"
@@ -153,48 +153,63 @@ def check_optimizer(cfg):
 
 
 PRESETS = {
-    # make pretrain on a CPU: ~8 minutes on 2 cores
-    "cpu-demo": TrainConfig(model=MODELS["demo"], seq_len=256, micro_batch_size=16, max_steps=500, lr=3e-3,
-                            min_lr=3e-4, warmup_steps=20, eval_every=50, eval_batches=8, ckpt_every=100, device="cpu"),
-    # make pretrain on a GPU: the same data, a model that uses the card
+    # make pretrain on a CPU. Muon with bf16 autocast (native on AVX512-BF16/AMX CPUs) and compiled
+    # blocks, measured on 2 cores (bench/RESULTS.md, `recipe` rows): Muon reached the final held-out
+    # bpb of 500 AdamW steps in ~0.6x the steps at the same lr 3e-3; lr 6e-3 was better still
+    # (1e-2 worse), Muon without weight decay worse. A 500-step fp32 AdamW run (the preset before
+    # Muon) took 307 s for make pretrain and ended at val_bpb 1.753; 680 compiled bf16 Muon steps
+    # fit the same time (~10,400 tokens/s against ~7,200) and end below 1.60.
+    "cpu-demo": TrainConfig(model=MODELS["demo"], seq_len=256, micro_batch_size=16, max_steps=680, optimizer="muon",
+                            lr=6e-3, min_lr=6e-4, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=100,
+                            device="cpu"),
+    # make pretrain on a GPU: the same data, a model that uses the card; Muon as on the CPU demo
+    # (its lr is AdamW's, carried over by the RMS-matching rule; not yet measured on a GPU)
     "gpu-demo": TrainConfig(model=dataclasses.replace(MODELS["rodin-1b"], dim=768, n_layers=12, n_heads=12,
                                                       n_kv_heads=12, ffn_dim=2048, vocab_size=4096, max_seq_len=1024),
-                            seq_len=1024, micro_batch_size=16, max_steps=1500, lr=1e-3, min_lr=1e-4,
+                            seq_len=1024, micro_batch_size=16, max_steps=1500, optimizer="muon", lr=1e-3, min_lr=1e-4,
                             warmup_steps=100, eval_every=250, ckpt_every=500),
     # unit tests: fp32 on any CPU, so that paths that must agree are compared at fp32 tolerance
     # (the bf16 paths are tested with --dtype=bf16)
     "test": TrainConfig(model=MODELS["test"], seq_len=32, micro_batch_size=4, max_steps=20, lr=1e-2, min_lr=1e-3,
                         warmup_steps=2, log_every=1, eval_every=10, eval_batches=2, ckpt_every=10, sample_tokens=8,
                         device="cpu", dtype="fp32", wandb="disabled", tqdm=False),
-    # RODIN-1B pretraining (global batch 1M tokens as RODIN-1B: 512 x 2048)
+    # RODIN-1B's recipe on any card of 24 GiB or more, one GPU or a node (torchrun), the one command
+    # for a 3090 and a B200: a global batch of 512 x 2048 = 1 M tokens as RODIN-1B's, clipped, the
+    # micro-batch fitted to the card (--micro_batch_size=auto), every block recomputed. Muon: one
+    # moment where AdamW keeps two (5.1 GiB of optimizer state against 9.2, bench/memory_estimate.py),
+    # its Newton-Schulz < 1 % of a 1 M-token step, ~2x AdamW's compute efficiency in Moonlight's
+    # scaling runs and ~0.6x the steps on cpu-demo. The 3090 and b200 presets are this run tuned to
+    # one card: all three write runs/rodin-1b and keep the global batch, so a run moves between them.
     "rodin-1b": TrainConfig(model=MODELS["rodin-1b"], data_dir="data/fr", tokenizer="data/fr/tokenizer.model",
-                            seq_len=2048, micro_batch_size=8, grad_accum_steps=64, max_steps=30000, lr=3e-4,
-                            min_lr=3e-5, warmup_steps=2000, eval_every=500, ckpt_every=500, loss_chunk=4096, name="rodin-1b"),
-    # RODIN-1B on one 24 GiB card (RTX 3090/4090): fp32 weights + Adam moments are 13.8 GiB, so the
-    # gradients are never all alive (optimizer_in_backward), blocks are recomputed and the logits
-    # chunked. Without gradient accumulation a step is 8 x 2048 tokens, hence the lower peak LR.
-    # Estimated peak 19.3 GiB (bench/memory_estimate.py); clipping and accumulation would need 22.3.
+                            seq_len=2048, micro_batch_size=0, global_batch=512, max_steps=30000, optimizer="muon",
+                            lr=3e-4, min_lr=3e-5, warmup_steps=2000, eval_every=250, eval_batches=2, ckpt_every=100,
+                            ckpt_every_minutes=30, activation_checkpointing="full", loss_chunk=2048,
+                            memory_margin=0.15, name="rodin-1b"),
+    # RODIN-1B on one 24 GiB card (RTX 3090/4090), now RODIN-1B's own recipe: with Muon's single
+    # moment, clipping and accumulation fit (estimated peak 19.8 GiB at micro-batch 8 with every block
+    # recomputed and the logits chunked; 18.2 at 4), where AdamW needed optimizer_in_backward without
+    # clipping or accumulation (19.3 GiB; with them 22.3). Micro-batch fixed at 8: no estimate at start.
     "3090": TrainConfig(model=MODELS["rodin-1b"], data_dir="data/fr", tokenizer="data/fr/tokenizer.model",
-                        seq_len=2048, micro_batch_size=8, grad_accum_steps=1, grad_clip=0.0, max_steps=400000,
-                        lr=2e-4, min_lr=2e-5, warmup_steps=4000, eval_every=2000, ckpt_every=1000,
-                        activation_checkpointing="full", optimizer_in_backward=True, loss_chunk=2048,
-                        name="rodin-1b-3090"),
-    # RODIN-1B on B200s (one or a node under torchrun): no recomputation; global batch 512 x 2048 =
-    # 1 M tokens on one GPU (x8 under torchrun --nproc_per_node=8: lower grad_accum_steps). Micro-batch
-    # 16: 32 would need 181 GiB without recomputation (bench/memory_estimate.py), 16 needs 104.
+                        seq_len=2048, micro_batch_size=8, global_batch=512, max_steps=30000, optimizer="muon",
+                        lr=3e-4, min_lr=3e-5, warmup_steps=2000, eval_every=250, eval_batches=2, ckpt_every=100,
+                        ckpt_every_minutes=30, activation_checkpointing="full", loss_chunk=2048, name="rodin-1b"),
+    # RODIN-1B on B200s (one, or a node under torchrun): no recomputation, the micro-batch fitted to
+    # the card (16 by the estimate: 32 would need ~177 GiB without recomputation, 16 ~100), the same
+    # global batch of 512 x 2048 on any number of GPUs.
     "b200": TrainConfig(model=MODELS["rodin-1b"], data_dir="data/fr", tokenizer="data/fr/tokenizer.model",
-                        seq_len=2048, micro_batch_size=16, grad_accum_steps=32, max_steps=30000, lr=3e-4,
-                        min_lr=3e-5, warmup_steps=2000, eval_every=500, ckpt_every=250, loss_chunk=8192,
-                        name="rodin-1b-b200"),
+                        seq_len=2048, micro_batch_size=0, global_batch=512, max_steps=30000, optimizer="muon",
+                        lr=3e-4, min_lr=3e-5, warmup_steps=2000, eval_every=250, eval_batches=2, ckpt_every=100,
+                        ckpt_every_minutes=30, loss_chunk=8192, name="rodin-1b"),
     # Lucie-7B's shape on one node of 8 80-GB GPUs (torchrun --nproc_per_node=8, FSDP2): 8 x 2 x 64 = 1024
     # sequences of 4096 tokens a step, ramped up from 256 by 64 over ~10 M sequences as Lucie's was, ~3 T
-    # tokens in all. Selective recomputation: ~44 GiB per GPU (bench/memory_estimate.py: activations
-    # 25.4 + temporaries 4.6, plus an eighth of weights, gradients and moments, 12.5, plus gathered blocks).
+    # tokens in all. Selective recomputation. Muon: its momentum is 3 GiB a GPU less than AdamW's two
+    # moments, and Newton-Schulz ~0.4 % of a step's FLOPs (~700 TFLOP over the 224 matrices against
+    # ~160 PFLOP of a 4 M-token step); estimated ~39 GiB per GPU (bench/memory_estimate.py --world_size=8).
     "lucie-7b": TrainConfig(model=MODELS["lucie-7b"], data_dir="data/lucie", tokenizer="data/lucie/tokenizer.model",
-                            seq_len=4096, micro_batch_size=2, grad_accum_steps=64, max_steps=720000, lr=3e-4,
-                            min_lr=3e-5, warmup_steps=2000, rampup_start=256, rampup_increment=64, rampup_steps=16450,
-                            eval_every=1000, ckpt_every=500, activation_checkpointing="ops", loss_chunk=4096,
-                            name="lucie-7b"),
+                            seq_len=4096, micro_batch_size=2, global_batch=1024, max_steps=720000, optimizer="muon",
+                            lr=3e-4, min_lr=3e-5, warmup_steps=2000, rampup_start=256, rampup_increment=64,
+                            rampup_steps=16450, eval_every=1000, eval_batches=1, ckpt_every=500, ckpt_every_minutes=30,
+                            activation_checkpointing="ops", loss_chunk=4096, name="lucie-7b"),
 }
 
 

@@ -47,22 +47,29 @@ def check_bf16(cfg, device):
                          f"{major}.{minor}, bf16 needs 8.0); use --dtype=fp32 (--dtype=auto picks it)")
 
 
+def has_cpp_compiler():
+    """Whether inductor finds the C++ compiler it compiles CPU kernels with."""
+    try:
+        from torch._inductor import exc
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: let torch.compile say what it lacks
+        return True
+    try:
+        get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return False
+    return True
+
+
 def check_compiler(device):
     if device.type == "cuda":
         if importlib.util.find_spec("triton") is None:
             raise ValueError("torch.compile on CUDA needs Triton, which this torch install lacks: "
                              "pip install triton, or --compile=off")
         return
-    try:
-        from torch._inductor import exc
-        from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:  # another torch layout: let torch.compile say what it lacks
-        return
-    try:
-        get_cpp_compiler()
-    except exc.InvalidCxxCompiler:
+    if not has_cpp_compiler():
         raise ValueError("torch.compile on the CPU needs a C++ compiler (g++, or the one named by $CXX) and none "
-                         "was found: install one, or --compile=off") from None
+                         "was found: install one, or --compile=off")
 
 
 def check_memory(cfg, device, world):
