@@ -84,11 +84,12 @@ def finetune(cfg, device, lifeline):
     cfg = dataclasses.replace(cfg, model=ModelConfig(**source_meta["config"]["model"]), tokenizer=tokenizer.path)
     if cfg.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the max_seq_len={cfg.model.max_seq_len} of {source}")
-    preflight.check(cfg, device, world, distributed.compiles(cfg, device))  # now that the model's shape is known
-    amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
     cfg, batch_choice = choose_batch(cfg, world, device)  # --global_batch, --micro_batch_size=auto
     if batch_choice:
         say(f"batch: {batch_choice}")
+    # what the device cannot run stops here, before anything costs time or is written
+    preflight.check(cfg, device, world, distributed.compiles(cfg, device))
+    amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
 
     # every rank reads and packs the same rows (the same data, tokenizer and seed), then takes its slice
     conversations = shuffled(list(read_conversations(cfg.data, cfg.data_split)), cfg.seed)

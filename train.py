@@ -83,11 +83,12 @@ def train(cfg, device, lifeline):
     budget = Budget(cfg.price_per_hour, cfg.max_cost, world)  # this launch's meter starts now
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
-    preflight.check(cfg, device, world, distributed.compiles(cfg, device))  # before anything costs time or is written
-    amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
     cfg, batch_choice = choose_batch(cfg, world, device)  # --global_batch, --micro_batch_size=auto
     if batch_choice:
         say(f"batch: {batch_choice}")
+    # what the device cannot run stops here, before anything costs time or is written
+    preflight.check(cfg, device, world, distributed.compiles(cfg, device))
+    amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
 
     tokenizer = Tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:

@@ -123,3 +123,4 @@ def test_recipe_reach_interpolates_between_evaluations_and_says_when_a_curve_nev
     assert recipe.reach(curve, 3.0) == pytest.approx((10, 2.0))
     assert recipe.reach(curve, 1.0) is None
     assert recipe.recipe_args("muon-bf16") == ["--optimizer=muon", "--dtype=bf16"]
+    assert "--lr=3e-3" in recipe.recipe_args("adamw-fp32")  # AdamW at the lr it was tuned at

@@ -48,8 +48,8 @@ def test_lucie_preset_ramps_256_to_1024_sequences_by_64_on_a_node_of_8():
 
     cfg = PRESETS["lucie-7b"]
     per_micro_step = cfg.micro_batch_size * 8
-    full = per_micro_step * cfg.grad_accum_steps
-    assert full == 1024 and cfg.seq_len == cfg.model.max_seq_len == 4096
+    full = cfg.global_batch
+    assert full == 1024 and full % per_micro_step == 0 and cfg.seq_len == cfg.model.max_seq_len == 4096
     sizes = [batch_size_at(step, full, cfg.rampup_start, cfg.rampup_increment, cfg.rampup_steps) for step in range(cfg.max_steps)]
     assert sizes[0] == 256 and sizes[-1] == 1024 and sorted(set(sizes)) == list(range(256, 1025, 64))
     assert all(size % per_micro_step == 0 for size in set(sizes))  # whole micro-steps on every rank

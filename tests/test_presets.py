@@ -45,9 +45,16 @@ def tiny_args(name, presets=PRESETS, world=1):
     `auto` compile and dtype resolved as on a GPU (compiled, bf16)."""
     p = presets[name]
     seq_len = 32 if presets is PRESETS else 128  # SFT: room for a Q&A
-    micro_batch, accumulation = min(p.micro_batch_size, 2), min(p.grad_accum_steps, 4)
-    args = [f"--preset={name}", "--device=cpu", f"--seq_len={seq_len}", f"--micro_batch_size={micro_batch}",
-            f"--grad_accum_steps={accumulation}", f"--max_steps={STEPS}",
+    nominal_micro_batch = p.micro_batch_size or 8  # --micro_batch_size=auto: what a 24 GiB card fits
+    micro_batch = min(nominal_micro_batch, 2)
+    if p.global_batch:  # stated once: a tiny global batch of 2 micro-batches a rank
+        accumulation = 1 if p.optimizer_in_backward else 2
+        batch = [f"--global_batch={micro_batch * accumulation * world}"]
+    else:
+        accumulation = min(p.grad_accum_steps, 4)
+        batch = [f"--grad_accum_steps={accumulation}"]
+    args = [f"--preset={name}", "--device=cpu", f"--seq_len={seq_len}", f"--micro_batch_size={micro_batch}", *batch,
+            f"--max_steps={STEPS}",
             f"--warmup_steps={max(1, round(p.warmup_steps * STEPS / p.max_steps))}",
             "--log_every=1", "--eval_every=2", "--eval_batches=1", f"--ckpt_every={RESUME_AT}",
             "--sample_tokens=8", "--wandb=disabled", "--tqdm=false"]
@@ -56,7 +63,7 @@ def tiny_args(name, presets=PRESETS, world=1):
     if p.schedule == "wsd":
         args.append(f"--decay_steps={max(1, round(p.decay_steps * STEPS / p.max_steps))}")
     if p.loss_chunk:  # as many chunks per micro-batch as the preset's
-        chunks = math.ceil(p.micro_batch_size * p.seq_len / p.loss_chunk)
+        chunks = math.ceil(nominal_micro_batch * p.seq_len / p.loss_chunk)
         args.append(f"--loss_chunk={math.ceil(micro_batch * seq_len / chunks)}")
     if p.rampup_start:  # from one micro-batch a step to the full batch, by one, in the first half
         per_micro_step = micro_batch * world
