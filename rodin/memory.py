@@ -100,8 +100,8 @@ def with_micro_batch(cfg, micro_batch, world_size):
 
 def fit_micro_batch(cfg, world_size, budget_gib, estimate_fn=estimate):
     """(largest micro-batch whose estimated step fits budget_gib on each rank, its GiB, the GiB of
-    the next size up or None). Memory grows linearly with the micro-batch, so two estimates place
-    the answer and a third confirms it."""
+    the next size up or None). Memory grows about linearly with the micro-batch, so two estimates
+    place the answer and a few more confirm it: the largest that fits, the next one up does not."""
     choices = micro_batch_choices(cfg, world_size)
     cost = {}
 
@@ -115,18 +115,17 @@ def fit_micro_batch(cfg, world_size, budget_gib, estimate_fn=estimate):
         raise ValueError(f"--micro_batch_size=auto: even a micro-batch of {smallest} needs {gib(smallest):.1f} GiB, more than "
                          f"the {budget_gib:.1f} GiB available; save memory with --activation_checkpointing=full, "
                          f"--optimizer_in_backward=true (one process) or more GPUs")
+    i = len(choices) - 1
     if len(choices) > 1:
         second = choices[-2]
         slope = (gib(second) - gib(smallest)) / (second - smallest)
         guess = [m for m in choices if gib(smallest) + slope * (m - smallest) <= budget_gib]
-        start = choices.index(guess[0]) if guess else len(choices) - 1
-    else:
-        start = 0
-    for i in range(start, len(choices)):  # the guess, then smaller ones until one fits
-        if gib(choices[i]) <= budget_gib:
-            bigger = choices[i - 1] if i > 0 else None
-            return choices[i], gib(choices[i]), (gib(bigger) if bigger is not None else None)
-    raise AssertionError("the smallest micro-batch fits, so the loop returns")
+        i = choices.index(guess[0]) if guess else i
+    while gib(choices[i]) > budget_gib:  # the line overshot: smaller ones until one fits
+        i += 1
+    while i > 0 and gib(choices[i - 1]) <= budget_gib:  # the line undershot: larger ones while they fit
+        i -= 1
+    return choices[i], gib(choices[i]), (gib(choices[i - 1]) if i > 0 else None)
 
 
 def resolve_batch(cfg, world_size, device, estimate_fn=estimate):

@@ -386,7 +386,7 @@ def test_make_pretrain_3090_builds_the_french_corpus_in_five_stages_then_trains_
     # the Hub is the local mini hub; the budget is 30 KB a source, the vocabulary the test model's
     corpus = [f"FR_DATA={tmp_path / 'fr'}", f"FR_WORK={tmp_path / 'work'}", f"REGISTRY={hub['registry']}",
               "FR_SOURCES=wikipedia,legi,hplt", "VOCAB=512", "MIX_ARGS=--val_fraction=0.1"]
-    # the 3090 preset (recomputed blocks, AdamW in backward, chunked loss) with the test model's shape
+    # the 3090 preset (Muon, recomputed blocks, chunked loss, accumulation to the global batch) with the test model's shape
     shrink = (f"ARGS=--model=test --seq_len=32 --micro_batch_size=4 --max_steps=2 --warmup_steps=1 --eval_batches=1 "
               f"--sample_tokens=8 --device=cpu --wandb=disabled --tqdm=false --out_dir={tmp_path / 'runs'}")
     done = make("pretrain", "PRESET=3090", *corpus, "MAX_BYTES=30K", shrink, tmp_path=tmp_path)
@@ -395,9 +395,10 @@ def test_make_pretrain_3090_builds_the_french_corpus_in_five_stages_then_trains_
     for source in ("wikipedia", "hplt"):  # stopped by the byte budget, not by the end of the source
         state = json.loads((tmp_path / "work" / "raw" / source / "state.json").read_text())
         assert not state["done"] and 30_000 <= state["bytes"] < 40_000, state
-    meta = checkpoint.read_meta(checkpoint.latest(tmp_path / "runs" / "rodin-1b-3090"))
+    meta = checkpoint.read_meta(checkpoint.latest(tmp_path / "runs" / "rodin-1b"))
     assert meta["step"] == 2 and meta["config"]["data_dir"] == str(tmp_path / "fr")
-    assert meta["config"]["optimizer_in_backward"] and meta["config"]["activation_checkpointing"] == "full"
+    assert meta["config"]["optimizer"] == "muon" and meta["config"]["activation_checkpointing"] == "full"
+    assert meta["config"]["global_batch"] == 512  # RODIN-1B's batch, accumulated on the small card
     assert meta["tokenizer"] == Tokenizer(str(tmp_path / "fr" / "tokenizer.model")).fingerprint
 
     again = make("pretrain", "PRESET=3090", *corpus, "MAX_BYTES=30K", shrink, tmp_path=tmp_path)

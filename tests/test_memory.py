@@ -50,7 +50,7 @@ def test_auto_takes_the_largest_micro_batch_under_the_cap_and_keeps_the_global_b
     assert checkpoint.read_meta(checkpoint.latest(tmp_path / "auto"))["step"] == 8
 
 
-def test_fit_needs_few_estimates_and_steps_down_when_the_straight_line_overshoots():
+def test_fit_needs_few_estimates_and_steps_up_or_down_when_the_straight_line_is_off():
     cfg = parse_args(["--preset=test", "--global_batch=64", "--micro_batch_size=auto"])
     calls = []
 
@@ -64,6 +64,13 @@ def test_fit_needs_few_estimates_and_steps_down_when_the_straight_line_overshoot
     assert memory.fit_micro_batch(cfg, 2, 100, fake_estimate)[0] == 32  # 64 over 2 ranks
     with pytest.raises(ValueError, match=r"even a micro-batch of 1 needs 2.0 GiB, more than the 1.5 GiB"):
         memory.fit_micro_batch(cfg, 1, 1.5, fake_estimate)
+
+    def concave_estimate(c):  # the step from 1 to 2 costs more a sequence than later ones (RODIN-1B: 4 fitted, 8 too)
+        return {"peak": 2 + 2 * c.micro_batch_size**0.5, "params": 0, "grads": 0, "optimizer": 0, "activations": 0,
+                "temporaries": 0}
+
+    micro, need, bigger = memory.fit_micro_batch(cfg, 1, 8, concave_estimate)  # the line says 4; 8 needs 7.66
+    assert micro == 8 and need == pytest.approx(2 + 2 * 8**0.5) and bigger == pytest.approx(10)
 
 
 def test_under_fsdp_each_rank_holds_its_share_of_the_states_and_whole_activations():

@@ -222,6 +222,25 @@ def test_sft_lowers_the_held_out_loss_and_writes_its_run_directory(pretrained, t
     assert "held-out loss" in out and "replies to held-out questions:" in out
 
 
+def test_bench_sft_replies_scores_the_runs_own_held_out_questions_by_the_word_they_ask_about(pretrained, tmp_path, capsys):
+    from bench import sft_replies
+
+    assert sft_replies.asked_word("Que signifie le mot « bétonnage » ?") == "bétonnage"
+    assert sft_replies.asked_word("Bonjour ?") is None
+    assert sft_replies.names_word("« Betonnage » (nom masculin) : action de bétonner.", "bétonnage")
+    assert not sft_replies.names_word("« Petonnage » (nom masculin) : …", "betonnage")
+    data = write_jsonl(tmp_path / "littre.jsonl", littre_slice(100))
+    run_dir = run_sft(pretrained, tmp_path, data, "--max_steps=2", "--val_fraction=0.2")
+    capsys.readouterr()
+    figures = sft_replies.main([run_dir, "--n=3", "--show=3", "--max_new_tokens=16", f"--results={tmp_path / 'R.md'}"])
+    assert figures["questions"] == 3 and 0 <= figures["names_the_word"] <= 1
+    # the same questions as sft.py's samples, answered the same way (greedy, 16 tokens as the test preset)
+    shown = capsys.readouterr().out.splitlines()[:3]
+    samples = (tmp_path / "sft" / "samples.md").read_text()
+    assert all(f"- {line!r}" in samples for line in shown), (shown, samples)
+    assert "| sft_replies |" in (tmp_path / "R.md").read_text()
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resumed_sft_is_bit_identical_to_an_uninterrupted_one(pretrained, tmp_path, optimizer):
     data = write_jsonl(tmp_path / "littre.jsonl", littre_slice(60))

@@ -1,0 +1,95 @@
+"""Does the chat model answer the question it was asked? Held-out questions of an SFT run, scored.
+
+    python bench/sft_replies.py runs/demo-sft            # the first 100 held-out questions
+    python bench/sft_replies.py runs/demo-sft --n=300
+
+Frozen decisions:
+- The questions are the run's own held-out conversations (its config's data, seed and
+  val_fraction, split as sft.py splits them), first user turn only, answered greedily as sft.py's
+  samples are.
+- The shipped SFT set asks about one word in « guillemets » per question (définition,
+  étymologie); a reply "names the word" when it contains that word, case and accents ignored
+  (the dictionary's own spellings drop accents, e.g. « Metaphysiologie »). Questions without a
+  quoted word are not scored. The figure is the share of scored replies that name their word.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import unicodedata
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from bench.results import report  # noqa: E402
+from rodin.chat import chat_reply, load_chat_model  # noqa: E402
+from rodin.sft_data import is_trainable, read_conversations, shuffled, split_conversations  # noqa: E402
+
+QUOTED = re.compile(r"«\s*([^»]+?)\s*»")
+
+
+def folded(text):
+    """Lower case without accents: « Bétonnage » and « betonnage » are the same word."""
+    return "".join(c for c in unicodedata.normalize("NFD", text.lower()) if not unicodedata.combining(c))
+
+
+def asked_word(question):
+    """The word in « » of a question, or None."""
+    found = QUOTED.search(question)
+    return found.group(1) if found else None
+
+
+def names_word(reply, word):
+    return folded(word) in folded(reply)
+
+
+def held_out_questions(run_dir, n):
+    """The first n held-out first-user-turn prefixes of the run's SFT data, as sft.py splits it."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        saved = json.load(f)
+    conversations = shuffled(list(read_conversations(saved["data"], saved["data_split"])), saved["seed"])
+    _, val_convs = split_conversations(conversations, saved["val_fraction"])
+    prefixes = []
+    for _, messages in val_convs:
+        if is_trainable(messages) and any(m["role"] == "user" for m in messages):
+            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            prefixes.append(messages[: first_user + 1])
+    return prefixes[:n]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", default="runs/demo-sft")
+    parser.add_argument("--n", type=int, default=100, help="held-out questions to answer")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--show", type=int, default=5, help="replies printed")
+    parser.add_argument("--results", default=None, help="append the figures here instead of bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    model, tokenizer, ckpt = load_chat_model(args.run, "cpu")
+    named = scored = stopped_count = 0
+    for i, messages in enumerate(held_out_questions(args.run, args.n)):
+        question = messages[-1]["content"]
+        with torch.no_grad():
+            reply, stopped = chat_reply(model, tokenizer, messages, args.max_new_tokens, temperature=0)
+        stopped_count += stopped
+        word = asked_word(question)
+        if word is not None:
+            scored += 1
+            named += names_word(reply, word)
+        if i < args.show:
+            print(f"{question} -> {reply}" + ("" if stopped else " [no <|im_end|>]"))  # as sft.py's samples
+    if not scored:
+        raise SystemExit(f"{args.run}: no held-out question with a word in « »; nothing to score")
+    figures = {"run": os.path.basename(os.path.normpath(args.run)), "checkpoint": os.path.basename(ckpt),
+               "questions": scored, "names_the_word": named / scored, "ends_with_im_end": stopped_count / max(i + 1, 1)}
+    print(f"{named} of {scored} replies name the word asked about ({named / scored:.0%})")
+    report("sft_replies", figures, args.results)
+    return figures
+
+
+if __name__ == "__main__":
+    main()
