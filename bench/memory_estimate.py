@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.results import report  # noqa: E402
 from rodin.config import MODELS, parse_args  # noqa: E402
-from rodin.memory import estimate, per_device_gib  # noqa: E402
+from rodin.memory import estimate, per_device_gib, with_micro_batch  # noqa: E402
 
 
 def main(argv=None):
@@ -34,9 +34,14 @@ def main(argv=None):
     parser.add_argument("--results", default=None, help="append the figures here instead of bench/RESULTS.md")
     args, overrides = parser.parse_known_args(argv)
     cfg = parse_args((["--preset=test"] if args.quick else ["--preset=3090"]) + overrides)
+    if cfg.global_batch:  # the accumulation the run would derive: a step that accumulates keeps whole gradients
+        if not cfg.micro_batch_size:
+            sys.exit("error: --micro_batch_size=auto is fitted at the start of a run; estimate one size with --micro_batch_size=N")
+        cfg = with_micro_batch(cfg, cfg.micro_batch_size, args.world_size)
     gib = estimate(cfg)
     figures = {"model": next((name for name, shape in MODELS.items() if shape == cfg.model), "custom"),
-               "optimizer": cfg.optimizer, "micro_batch": cfg.micro_batch_size, "seq_len": cfg.seq_len,
+               "optimizer": cfg.optimizer, "micro_batch": cfg.micro_batch_size, "grad_accum_steps": cfg.grad_accum_steps,
+               "seq_len": cfg.seq_len,
                "checkpointing": cfg.activation_checkpointing, "optimizer_in_backward": cfg.optimizer_in_backward,
                "loss_chunk": cfg.loss_chunk, **{f"{k}_gib": v for k, v in gib.items()}, "cap_gib": args.cap_gib,
                "headroom_gib": args.cap_gib - gib["peak"]}

@@ -180,6 +180,7 @@ PRESETS = {
     # its Newton-Schulz < 1 % of a 1 M-token step, ~2x AdamW's compute efficiency in Moonlight's
     # scaling runs and ~0.6x the steps on cpu-demo. The 3090 and b200 presets are this run tuned to
     # one card: all three write runs/rodin-1b and keep the global batch, so a run moves between them.
+    # The fit, estimated: micro-batch 8 on 24 GiB (19.8 GiB; 16 would need 24.5), 64 on 80 GiB (53.4).
     "rodin-1b": TrainConfig(model=MODELS["rodin-1b"], data_dir="data/fr", tokenizer="data/fr/tokenizer.model",
                             seq_len=2048, micro_batch_size=0, global_batch=512, max_steps=30000, optimizer="muon",
                             lr=3e-4, min_lr=3e-5, warmup_steps=2000, eval_every=250, eval_batches=2, ckpt_every=100,

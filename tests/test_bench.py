@@ -82,6 +82,13 @@ def test_memory_estimate_counts_fp32_weights_two_adam_moments_and_what_each_save
     assert in_backward["peak"] < whole["peak"] - whole["params"] / 2
 
 
+def test_memory_estimate_of_a_global_batch_accumulates_as_the_run_would_and_keeps_whole_gradients(tmp_path):
+    figures = memory_estimate.main(["--quick", "--global_batch=16", "--micro_batch_size=4", f"--results={tmp_path / 'R.md'}"])
+    assert figures["grad_accum_steps"] == 4 and figures["grads_gib"] == figures["params_gib"]
+    with pytest.raises(SystemExit, match="--micro_batch_size=auto is fitted at the start of a run"):
+        memory_estimate.main(["--quick", "--global_batch=16", "--micro_batch_size=auto", f"--results={tmp_path / 'R.md'}"])
+
+
 def test_memory_estimate_under_fsdp_divides_weights_gradients_and_moments_by_the_world_size(tmp_path):
     one = memory_estimate.main(["--quick", f"--results={tmp_path / 'R.md'}"])
     four = memory_estimate.main(["--quick", "--world_size=4", f"--results={tmp_path / 'R.md'}"])
