@@ -168,8 +168,8 @@ def finetune(cfg, device, lifeline):
         if is_main:
             log.finish()
         return 0
-    questions = [m for _, m in val_convs if is_trainable(m) and any(t["role"] == "user" for t in m)][:N_SAMPLES]
-    samples = held_out_replies(model, tokenizer, questions, cfg.sample_tokens)  # all ranks: FSDP needs them in each forward
+    prompts = held_out_prompts(val_convs, N_SAMPLES)
+    samples = held_out_replies(model, tokenizer, prompts, cfg.sample_tokens)  # all ranks: FSDP needs them in each forward
     lifeline.send("finish", step=step, loss=loss, **budget.figures(0))
     if not is_main:
         return 0
@@ -199,16 +199,26 @@ def check_resumable(ckpt_path, meta, cfg, tokenizer, rows, global_batch):
     return checkpoint.check_world_size(ckpt_path, meta, global_batch, new_run=f"--init_from={ckpt_path} and another --name")
 
 
+def held_out_prompts(val_convs, n):
+    """The first n held-out conversations that have a user turn, cut after the first one (any
+    system turn kept): the questions the samples answer."""
+    prompts = []
+    for _, messages in val_convs:
+        if is_trainable(messages) and any(m["role"] == "user" for m in messages):
+            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            prompts.append(messages[: first_user + 1])
+    return prompts[:n]
+
+
 @torch.compiler.set_stance("force_eager")  # sampling runs eager, as rodin.loop.sample_texts
-def held_out_replies(model, tokenizer, conversations, max_new_tokens):
-    """Greedy replies to the first user turn of held-out conversations, as 'question -> reply'."""
+def held_out_replies(model, tokenizer, prompts, max_new_tokens):
+    """Greedy replies to held-out prompts, as 'question -> reply'."""
     was_training = model.training
     model.eval()
     out = []
-    for messages in conversations:
-        first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-        text, stopped = chat_reply(model, tokenizer, messages[: first_user + 1], max_new_tokens, temperature=0)
-        out.append(f"{messages[first_user]['content']} -> {text}" + ("" if stopped else " [no <|im_end|>]"))
+    for messages in prompts:
+        text, stopped = chat_reply(model, tokenizer, messages, max_new_tokens, temperature=0)
+        out.append(f"{messages[-1]['content']} -> {text}" + ("" if stopped else " [no <|im_end|>]"))
     model.train(was_training)
     return out
 

@@ -35,7 +35,7 @@ from rodin.device import pick_device, resolve_dtype  # noqa: E402
 
 # the recipes compared, each with what it changes in the preset. AdamW keeps its best learning
 # rate (cpu-demo, 500 steps in bf16: held-out bpb 1.769 at 1.5e-3, 1.748 at 3e-3, 1.983 at 6e-3);
-# Muon takes the preset's (6e-3: 1.596 after 680 steps, against 1.601 at 5e-3 and 1.602 at 7e-3).
+# Muon takes the preset's lr and momentum (6e-3 and 0.9, rodin/config.py's cpu-demo comment).
 RECIPES = {
     "adamw-fp32": ["--optimizer=adamw", "--dtype=fp32", "--lr=3e-3", "--min_lr=3e-4"],  # the default before Muon
     "adamw-auto": ["--optimizer=adamw", "--dtype=auto", "--lr=3e-3", "--min_lr=3e-4"],  # bf16 where the CPU has it

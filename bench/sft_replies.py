@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from bench.results import report  # noqa: E402
 from rodin.chat import chat_reply, load_chat_model  # noqa: E402
-from rodin.sft_data import is_trainable, read_conversations, shuffled, split_conversations  # noqa: E402
+from rodin.sft_data import read_conversations, shuffled, split_conversations  # noqa: E402
+from sft import held_out_prompts  # noqa: E402
 
 QUOTED = re.compile(r"«\s*([^»]+?)\s*»")
 
@@ -47,18 +48,17 @@ def names_word(reply, word):
     return folded(word) in folded(reply)
 
 
-def held_out_questions(run_dir, n):
-    """The first n held-out first-user-turn prefixes of the run's SFT data, as sft.py splits it."""
+def run_config(run_dir):
     with open(os.path.join(run_dir, "config.json")) as f:
-        saved = json.load(f)
+        return json.load(f)
+
+
+def held_out_questions(run_dir, n):
+    """The first n held-out questions of the run's SFT data, split and cut as sft.py's samples."""
+    saved = run_config(run_dir)
     conversations = shuffled(list(read_conversations(saved["data"], saved["data_split"])), saved["seed"])
     _, val_convs = split_conversations(conversations, saved["val_fraction"])
-    prefixes = []
-    for _, messages in val_convs:
-        if is_trainable(messages) and any(m["role"] == "user" for m in messages):
-            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-            prefixes.append(messages[: first_user + 1])
-    return prefixes[:n]
+    return held_out_prompts(val_convs, n)
 
 
 def main(argv=None):
@@ -70,8 +70,11 @@ def main(argv=None):
     parser.add_argument("--results", default=None, help="append the figures here instead of bench/RESULTS.md")
     args = parser.parse_args(argv)
     model, tokenizer, ckpt = load_chat_model(args.run, "cpu")
+    questions = held_out_questions(args.run, args.n)
+    if not questions:
+        raise SystemExit(f"{args.run}: no held-out question to answer")
     named = scored = stopped_count = 0
-    for i, messages in enumerate(held_out_questions(args.run, args.n)):
+    for i, messages in enumerate(questions):
         question = messages[-1]["content"]
         with torch.no_grad():
             reply, stopped = chat_reply(model, tokenizer, messages, args.max_new_tokens, temperature=0)
@@ -84,8 +87,10 @@ def main(argv=None):
             print(f"{question} -> {reply}" + ("" if stopped else " [no <|im_end|>]"))  # as sft.py's samples
     if not scored:
         raise SystemExit(f"{args.run}: no held-out question with a word in « »; nothing to score")
+    saved = run_config(args.run)
     figures = {"run": os.path.basename(os.path.normpath(args.run)), "checkpoint": os.path.basename(ckpt),
-               "questions": scored, "names_the_word": named / scored, "ends_with_im_end": stopped_count / max(i + 1, 1)}
+               **{key: saved[key] for key in ("optimizer", "lr", "max_steps")},
+               "questions": scored, "names_the_word": named / scored, "ends_with_im_end": stopped_count / len(questions)}
     print(f"{named} of {scored} replies name the word asked about ({named / scored:.0%})")
     report("sft_replies", figures, args.results)
     return figures
