@@ -6,11 +6,13 @@
 # make test:     set up and run the test suite on CPU.
 # make export:   export runs/demo to Hugging Face (runs/demo/export/hf) and GGUF + Modelfile (runs/demo/export/gguf), verified.
 # make eval:     lm-evaluation-harness on a run's newest checkpoint: make eval RUN=runs/demo TASKS=french_bench
-# TORCH picks the torch requirement (CI pins the CPU build on its disk): make test TORCH='torch>=2.6'
+# TORCH picks the torch requirement (CI pins the CPU build on its disk): make test TORCH='torch>=2.9'
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# PY given on the command line (make bench-gpu PY=python3): that interpreter as it is, nothing installed
+OWN_PY := $(filter command line,$(origin PY))
 CORPUS := data/littre-citations.txt.gz
 DEMO := data/demo
 PRESET ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu-demo || echo cpu-demo)
@@ -113,10 +115,13 @@ export: install
 	$(PY) export.py $(RUN) --format=gguf $(ARGS)
 
 # on a CUDA machine, within ~9 minutes: the `gpu` tests and every GPU figure appended to bench/RESULTS.md
-# (bench/gpu.py: rodin-1b at context 2048 against transformers, eager and compiled; the 3090 preset under
-# a 24 GiB cap; memory estimates against the allocator; FSDP2 over NCCL); each item runs even if one fails
-bench-gpu: install
-	$(PY) bench/gpu.py $(ARGS)
+# (bench/gpu.py: rodin-1b at context 2048 against transformers, compiled and eager; the 3090 preset under
+# a 24 GiB cap; memory estimates against the allocator; Muon against AdamW; FSDP2 over NCCL); each item
+# runs even if one fails. Offline, with the machine's own Python: make bench-gpu PY=python3 OUT=folder
+# (OUT: where the log and the new rows are copied as each item ends)
+OUT ?=
+bench-gpu: $(if $(OWN_PY),,install)
+	$(PY) bench/gpu.py $(if $(OUT),--out=$(OUT)) $(ARGS)
 
 eval: install
 	$(PY) -m rodin.eval $(RUN) --tasks=$(TASKS) --num_fewshot=3 $(ARGS)

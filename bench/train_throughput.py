@@ -10,8 +10,9 @@ Frozen decisions:
   through the same step as train.py (rodin.loop.train_step: forward, backward, clip, step).
 - On CPU the two alternate, repeat after repeat, so a busy neighbour slows both alike; on a GPU
   they run one after the other, each alone in memory (two 1B models with AdamW do not fit a cap).
-- Figures are medians over repeats; ratio = our tokens/s / transformers'; MFU is against
-  rodin.device.peak_flops (GPU only), with the FLOPs of LLaMA.flops_per_token.
+- Figures are medians over repeats; ratio = our tokens/s / transformers'; MFU (GPU only, with the
+  FLOPs of LLaMA.flops_per_token) is against the datasheet's dense bf16 peak (rodin.device.peak_flops)
+  and, as *_mfu_achievable, against a bf16 matmul measured on the card in the same run.
 - On a CPU shared with other jobs, wall-clock time swings 3x from repeat to repeat: --clock=cpu
   --threads=1 times the process's own CPU seconds instead, which stays within a few percent.
 - --profile (CPU): the shares of each step spent in matmuls and in the attention kernel, both of
@@ -35,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.results import report  # noqa: E402
 from rodin.config import MODELS  # noqa: E402
-from rodin.device import autocast, peak_flops, pick_device, resolve_dtype  # noqa: E402
+from rodin.device import autocast, measured_matmul_flops, peak_flops, pick_device, resolve_dtype  # noqa: E402
 from rodin.hf import hf_config  # noqa: E402
 from rodin.loop import train_step  # noqa: E402
 from rodin.model import LLaMA  # noqa: E402
@@ -197,6 +198,8 @@ def main(argv=None):
     with torch.device("meta"):  # the shape alone: no memory for rodin-1b's weights
         flops_per_token = LLaMA(cfg).flops_per_token(args.seq_len)
     peak = peak_flops(device)
+    # the card's achievable peak, measured in this run: MFU against it beside MFU against the datasheet
+    achievable = measured_matmul_flops(device) if device.type == "cuda" else None
     figures = {"model": args.model, "seq_len": args.seq_len, "batch": args.batch,
                "dtype": resolve_dtype(device, args.dtype),
                "compile": args.compile, "repeats": args.repeats}
@@ -208,8 +211,12 @@ def main(argv=None):
         figures[f"{c.name}_tok_s"] = "OOM" if c.oom else c.median()
         if peak and not c.oom:
             figures[f"{c.name}_mfu"] = c.median() * flops_per_token / peak
+        if achievable and not c.oom:
+            figures[f"{c.name}_mfu_achievable"] = c.median() * flops_per_token / achievable
         if device.type == "cuda":
             figures[f"{c.name}_peak_gib"] = c.peak_mem_gib
+    if achievable:
+        figures["matmul_tflops"] = achievable / 1e12
     if not ours.oom and not theirs.oom:
         figures["ratio"] = ours.median() / theirs.median()
     if args.profile:

@@ -2,6 +2,7 @@
 
 import contextlib
 import platform
+import time
 
 import torch
 
@@ -91,6 +92,23 @@ def peak_flops(device):
         if key in name:
             return flops
     return None
+
+
+def measured_matmul_flops(device, n=8192, repeats=20):
+    """FLOP/s of an n x n x n bf16 matmul on this device, timed after a warm-up: the peak a training
+    step could reach here (H100s reach ~70-80 % of their datasheet's), so that an MFU against it
+    and one against PEAK_BF16_FLOPS, side by side, say how far the step is from the card's best."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def peak_memory_gib(device):

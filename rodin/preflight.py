@@ -13,6 +13,8 @@ Frozen decisions:
 - bf16 means a card that computes it natively (compute capability 8.0: A100, RTX 30xx and later);
   --dtype=auto picks fp32 on older cards (rodin.device.resolve_dtype).
 - torch.compile needs its compiler: Triton on CUDA, a C++ compiler on the CPU.
+- torch itself (2.9 or later) is checked when rodin is first imported (rodin/__init__.py): the
+  optimizers import torch.optim.Muon before any check here could run.
 """
 
 import dataclasses

@@ -21,6 +21,23 @@ from rodin.io import atomic_write_bytes
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 # always whole pieces, however rare in the sample: digits, French letters and typography
 REQUIRED_CHARS = "0123456789àâäçéèêëîïôöùûüÿœæÀÂÄÇÉÈÊËÎÏÔÖÙÛÜŸŒÆ«»“”’…–—€"
+# how often the required characters are fed again, so that SentencePiece's sample keeps them
+REQUIRED_CHARS_EVERY = 10_000
+
+
+def with_required_chars(sentences, every=REQUIRED_CHARS_EVERY):
+    """The sentences, with each required character as a sentence of its own, first and again
+    every `every` sentences. SentencePiece 0.2.2 aborts (bpe_model_trainer.cc: Check failed:
+    freq > 0) when a required character is absent from its sample of input_sentence_size
+    sentences: the demo corpus has no « » ’ œ, and the H200 machine's python3 has 0.2.2. A
+    one-character sentence holds no pair, so it adds no merge; refed every 10,000 sentences, a
+    character survives the sample of 2 M from any number of sentences ~200 times over."""
+    singles = list(REQUIRED_CHARS)
+    yield from singles
+    for i, sentence in enumerate(sentences, 1):
+        yield sentence
+        if i % every == 0:
+            yield from singles
 
 
 def train_tokenizer(sentences, model_path, vocab_size, num_threads=2, input_sentence_size=2_000_000, seed_sentencepiece_size=1_000_000):
@@ -28,7 +45,7 @@ def train_tokenizer(sentences, model_path, vocab_size, num_threads=2, input_sent
     atomically to model_path."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
+        sentence_iterator=with_required_chars(sentences),
         model_writer=model,
         model_type="bpe",
         vocab_size=vocab_size,

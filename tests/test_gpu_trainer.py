@@ -17,7 +17,8 @@ def test_3090_preset_trains_rodin_1b_within_24_gib(demo_data, tmp_path):
     torch.cuda.set_per_process_memory_fraction(24 * 2**30 / total)
     torch.cuda.reset_peak_memory_stats()
     try:
-        argv = ["--preset=3090", f"--data_dir={demo_data['dir']}", f"--tokenizer={demo_data['tokenizer']}",
+        # two micro-batches a step, so gradients accumulate as in the preset's 64 (a minute a step)
+        argv = ["--preset=3090", "--global_batch=16", f"--data_dir={demo_data['dir']}", f"--tokenizer={demo_data['tokenizer']}",
                 f"--out_dir={tmp_path}", "--name=run", "--max_steps=3", "--warmup_steps=1", "--log_every=1",
                 "--eval_batches=1", "--sample_tokens=4", "--wandb=disabled", "--tqdm=false"]
         assert train.main(argv) == 0

@@ -161,9 +161,32 @@ def test_on_this_card_a_run_beyond_its_memory_stops_before_anything_is_written(d
 
 @pytest.mark.gpu
 def test_on_this_card_the_memory_estimate_is_within_10_percent_of_the_allocators_peak(demo_data, tmp_path):
-    """The 3090 preset, eager (the estimate's step), a few steps: torch.cuda.max_memory_allocated."""
-    args = ["--preset=3090", "--compile=off", "--max_steps=2", "--eval_batches=1", "--sample_tokens=4", "--tqdm=false"]
+    """The 3090 preset, eager (the estimate's step), a few steps of two micro-batches (gradients
+    accumulate as in the preset's 64): torch.cuda.max_memory_allocated."""
+    args = ["--preset=3090", "--global_batch=16", "--compile=off", "--max_steps=2", "--eval_batches=1", "--sample_tokens=4", "--tqdm=false"]
     torch.cuda.reset_peak_memory_stats()
     assert train.main(args + run_args(demo_data, tmp_path)) == 0
     peak = torch.cuda.max_memory_allocated() / GIB
     assert preflight.estimate_peak_gib(parse_args(args)) == pytest.approx(peak, rel=0.1)
+
+
+# ---- torch --------------------------------------------------------------------------------------
+
+
+def test_a_torch_older_than_rodin_needs_is_named_with_the_fix():
+    from rodin import torch_too_old
+
+    assert torch_too_old("2.9.0") is None and torch_too_old("2.11.0+cu130") is None and torch_too_old("3.0.0") is None
+    line = torch_too_old("2.8.0+cu128")
+    assert "torch >= 2.9" in line and "2.8.0+cu128" in line and "pip install 'torch>=2.9'" in line
+
+
+def test_importing_rodin_on_an_older_torch_stops_in_one_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import torch; torch.__version__ = '2.8.0'; import rodin.optim"],
+                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "error: rodin needs torch >= 2.9 (torch.optim.Muon), this is torch 2.8.0: pip install 'torch>=2.9' "
+        "(the build for your CUDA driver)"]

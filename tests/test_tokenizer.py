@@ -2,7 +2,7 @@
 
 import pytest
 
-from rodin.tokenizer import Tokenizer
+from rodin.tokenizer import REQUIRED_CHARS, Tokenizer, train_tokenizer, with_required_chars
 
 FRENCH = [
     "L'œuvre de Molière, « Le Misanthrope », date de 1666.",
@@ -28,6 +28,23 @@ def test_digits_are_split_and_rare_characters_fall_back_to_bytes(tokenizer):
     assert pieces[:4] == ["1", "6", "6", "6"]
     assert "«" in "".join(pieces) and not any(p.startswith("<0x") for p in pieces)
     assert all(p.startswith("<0x") for p in (tokenizer.sp.id_to_piece(i) for i in tokenizer.encode("🙂")))
+
+
+def test_required_characters_are_fed_alone_first_and_again_so_a_sample_keeps_them():
+    fed = list(with_required_chars((f"phrase {i}" for i in range(25)), every=10))
+    singles = list(REQUIRED_CHARS)
+    assert fed[:len(singles)] == singles  # one character per sentence: no pair, so no merge
+    assert fed.count("€") == 3 and len(fed) == 25 + 3 * len(singles)
+    assert [s for s in fed if s.startswith("phrase")] == [f"phrase {i}" for i in range(25)]
+
+
+def test_required_characters_absent_from_the_text_are_whole_pieces(tmp_path):
+    # SentencePiece 0.2.2 aborted on this text (no « œ € in it): "Check failed: freq > 0"
+    text = [f"le chat numéro {i} dort près de la fenêtre" for i in range(300)]
+    train_tokenizer(text, tmp_path / "t.model", vocab_size=360, num_threads=1)
+    tok = Tokenizer(tmp_path / "t.model")
+    pieces = [tok.sp.id_to_piece(i) for i in tok.encode("« œ € »")]
+    assert not any(p.startswith("<0x") for p in pieces)
 
 
 def test_special_ids_are_fixed(tokenizer):
