@@ -2,7 +2,7 @@
 #                The demo presets train on the shipped corpus; rodin-1b, 3090 and b200 on the French corpus
 #                that the data pipeline builds first (make pretrain PRESET=3090 MAX_BYTES=5G, see below).
 # make sft:      fine-tune the newest checkpoint of runs/demo into a chat model, runs/demo-sft.
-# make chat:     talk to it (python -m rodin.chat runs/demo-sft).
+# make chat:     talk to it (rodin chat runs/demo-sft).
 # make test:     set up and run the test suite on CPU.
 # make export:   export runs/demo to Hugging Face (runs/demo/export/hf) and GGUF + Modelfile (runs/demo/export/gguf), verified.
 # make eval:     lm-evaluation-harness on a run's newest checkpoint: make eval RUN=runs/demo TASKS=french_bench
@@ -97,7 +97,7 @@ pretrain: data
 resume: pretrain
 
 spot: data
-	$(PY) -m rodin.supervise --run_dir=runs/$(NAME) -- $(SPOT_LAUNCH) train.py --preset=$(PRESET) --name=$(NAME) \
+	$(PY) -m rodin supervise --run_dir=runs/$(NAME) -- $(SPOT_LAUNCH) train.py --preset=$(PRESET) --name=$(NAME) \
 		$(DATA_ARGS) $(if $(MIRROR),--mirror=$(MIRROR)) $(if $(NOTIFY),--notify=$(NOTIFY)) $(ARGS)
 
 # relaunching resumes from the newest complete checkpoint of runs/demo-sft
@@ -105,7 +105,7 @@ sft: install
 	$(PY) sft.py --preset=$(PRESET) $(ARGS)
 
 chat: install
-	$(PY) -m rodin.chat runs/demo-sft $(ARGS)
+	$(PY) -m rodin chat runs/demo-sft $(ARGS)
 
 test: install
 	$(PY) -m pytest -q tests $(ARGS)
@@ -124,7 +124,7 @@ bench-gpu: $(if $(OWN_PY),,install)
 	$(PY) bench/gpu.py $(if $(OUT),--out=$(OUT)) $(ARGS)
 
 eval: install
-	$(PY) -m rodin.eval $(RUN) --tasks=$(TASKS) --num_fewshot=3 $(ARGS)
+	$(PY) -m rodin eval $(RUN) --tasks=$(TASKS) --num_fewshot=3 $(ARGS)
 
 clean:
 	rm -rf runs $(DEMO)

@@ -11,17 +11,17 @@ Frozen decisions:
 - The checkpoint must match its tokenizer (fingerprint recorded at training) and hold finite
   weights; anything else is refused before a file is written.
 - --verify (default) compares the export with our model on French prompts (token ids, logits,
-  argmax, greedy continuation), prints the figures and exits 1 past rodin.verify.THRESHOLDS.
+  argmax, greedy continuation), prints the figures and exits 1 past rodin.ship.verify.THRESHOLDS.
 """
 
 import argparse
 import os
 import sys
 
-from rodin import verify
-from rodin.checkpoint import load_run
-from rodin.gguf_export import K_QUANTS, PYTHON_TYPES, ffn_warning, modelfile, pad_ffn, write_gguf_file
-from rodin.hf import DTYPES, write_hf
+from rodin.ship import verify
+from rodin.ship.gguf_export import K_QUANTS, PYTHON_TYPES, ffn_warning, modelfile, pad_ffn, write_gguf_file
+from rodin.ship.hf import DTYPES, write_hf
+from rodin.train.checkpoint import load_run
 
 
 def main(argv=None):

@@ -21,21 +21,21 @@ import sys
 
 import torch
 
-from rodin import checkpoint, distributed, preflight
-from rodin.budget import Budget
-from rodin.chat import chat_reply, open_chat_tokenizer
 from rodin.config import SFT_PRESETS, config_to_dict, parse_args, save_config
-from rodin.data import TrainBatches, eval_batches
-from rodin.lifeline import Lifeline
-from rodin.memory import accumulation_of_eval_batches, choose_batch
-from rodin.device import autocast, peak_flops, resolve_dtype
-from rodin.loop import evaluate, run_steps
-from rodin.loss import make_loss_fn
+from rodin.data.batches import TrainBatches, eval_batches
+from rodin.data.sft_rows import Rows, is_trainable, make_examples, read_conversations, shuffled, split_conversations
+from rodin.data.tokenizer import copy_into_run
+from rodin.eval.chat import chat_reply, open_chat_tokenizer
 from rodin.model import ModelConfig
-from rodin.optim import optimizer_for
-from rodin.runlog import RunLog
-from rodin.sft_data import Rows, is_trainable, make_examples, read_conversations, shuffled, split_conversations
-from rodin.tokenizer import copy_into_run
+from rodin.spot.lifeline import Lifeline
+from rodin.train import checkpoint, distributed, preflight
+from rodin.train.budget import Budget
+from rodin.train.device import autocast, peak_flops, resolve_dtype
+from rodin.train.loop import evaluate, run_steps
+from rodin.train.loss import make_loss_fn
+from rodin.train.memory import accumulation_of_eval_batches, choose_batch
+from rodin.train.optim import optimizer_for
+from rodin.train.runlog import RunLog
 
 N_SAMPLES = 3  # held-out questions answered in samples.md at the end
 
@@ -177,7 +177,7 @@ def finetune(cfg, device, lifeline):
     log.finish()
     val = [r["val_loss"] for r in log.records if "val_loss" in r]
     print(f"done: step {step}, train loss {loss:.3f}, held-out loss {val[0]:.3f} before -> {val[-1]:.3f} after")
-    print(f"chat with it: python -m rodin.chat {run_dir}")
+    print(f"chat with it: rodin chat {run_dir}")
     print("replies to held-out questions:")
     for text in samples:
         print(f"  {text}")
@@ -210,7 +210,7 @@ def held_out_prompts(val_convs, n):
     return prompts[:n]
 
 
-@torch.compiler.set_stance("force_eager")  # sampling runs eager, as rodin.loop.sample_texts
+@torch.compiler.set_stance("force_eager")  # sampling runs eager, as rodin.train.loop.sample_texts
 def held_out_replies(model, tokenizer, prompts, max_new_tokens):
     """Greedy replies to held-out prompts, as 'question -> reply'."""
     was_training = model.training

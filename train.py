@@ -13,28 +13,28 @@ Frozen decisions:
   the ranks all-reduce the flag so they stop at the same step. World size > 1 means FSDP2 and
   torch.distributed.checkpoint; world size 1 means a plain module and safetensors.
 - Under torchrun the model is built on the meta device and sharded before any rank allocates it;
-  a new run's weights are those one process would draw, broadcast from rank 0 (rodin.distributed).
+  a new run's weights are those one process would draw, broadcast from rank 0 (rodin.train.distributed).
 - The money a run spends is counted from each launch's start and carried in its checkpoints
-  (rodin.budget); at --max_cost it checkpoints and exits 0, and a relaunch at that cap trains nothing.
+  (rodin.train.budget); at --max_cost it checkpoints and exits 0, and a relaunch at that cap trains nothing.
 """
 
 import dataclasses
 import os
 import sys
 
-from rodin import checkpoint, distributed, preflight
-from rodin.budget import Budget
 from rodin.config import config_to_dict, parse_args, save_config
-from rodin.data import TrainBatches, Windows, eval_batches, find_shards, held_out_sets
-from rodin.device import autocast, peak_flops, resolve_dtype
-from rodin.loop import evaluate, run_steps, sample_texts
-from rodin.loss import make_loss_fn
-from rodin.metrics import bytes_per_token, loss_to_bpb, token_byte_lengths
-from rodin.lifeline import Lifeline
-from rodin.memory import accumulation_of_eval_batches, choose_batch
-from rodin.optim import batch_size_at, optimizer_for
-from rodin.runlog import RunLog
-from rodin.tokenizer import Tokenizer, copy_into_run
+from rodin.data.batches import TrainBatches, Windows, eval_batches, find_shards, held_out_sets
+from rodin.data.tokenizer import Tokenizer, copy_into_run
+from rodin.spot.lifeline import Lifeline
+from rodin.train import checkpoint, distributed, preflight
+from rodin.train.bits_per_byte import bytes_per_token, loss_to_bpb, token_byte_lengths
+from rodin.train.budget import Budget
+from rodin.train.device import autocast, peak_flops, resolve_dtype
+from rodin.train.loop import evaluate, run_steps, sample_texts
+from rodin.train.loss import make_loss_fn
+from rodin.train.memory import accumulation_of_eval_batches, choose_batch
+from rodin.train.optim import batch_size_at, optimizer_for
+from rodin.train.runlog import RunLog
 
 # what a new phase (--init_from) may change in the model: the context it is trained for
 PHASE_MAY_CHANGE = ("max_seq_len", "rope_theta")

@@ -4,7 +4,7 @@
     python bench/checkpoint_save.py --dir=/scratch     # the disk the run will write to
 
 Frozen decisions:
-- The checkpoint is the real one (rodin.checkpoint.save: model, AdamW state, RNG, fsync, manifest,
+- The checkpoint is the real one (rodin.train.checkpoint.save: model, AdamW state, RNG, fsync, manifest,
   rename) of a model that has taken a step, so the optimizer state exists.
 - train.py saves synchronously, so the step is blocked for the whole save: blocked_steps is the
   save time in training steps of the same model and batch (the cost of one checkpoint).
@@ -23,12 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.results import report  # noqa: E402
-from rodin import checkpoint  # noqa: E402
+from rodin.train import checkpoint  # noqa: E402
 from rodin.config import MODELS  # noqa: E402
-from rodin.device import autocast, pick_device  # noqa: E402
-from rodin.loop import train_step  # noqa: E402
+from rodin.train.device import autocast, pick_device  # noqa: E402
+from rodin.train.loop import train_step  # noqa: E402
 from rodin.model import LLaMA  # noqa: E402
-from rodin.optim import make_optimizer  # noqa: E402
+from rodin.train.optim import make_optimizer  # noqa: E402
 
 
 def main(argv=None):

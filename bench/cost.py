@@ -6,9 +6,9 @@
 Frozen decisions:
 - The anchor is RODIN-1B's run: 32 B tokens in about 140 B200-hours, about 285 EUR. Without a
   measured --tokens_per_s, throughput comes from --mfu, by default the anchor's own MFU, against
-  the peak of --gpu in rodin.device.PEAK_BF16_FLOPS and the preset's LLaMA.flops_per_token.
+  the peak of --gpu in rodin.train.device.PEAK_BF16_FLOPS and the preset's LLaMA.flops_per_token.
 - tokens_per_s is per GPU; n GPUs divide the wall-clock time, not the GPU-hours.
-- The money is rodin.budget's accounting, the trainer's own: wall-clock seconds x GPUs x price per
+- The money is rodin.train.budget's accounting, the trainer's own: wall-clock seconds x GPUs x price per
   GPU-hour / 3600. So `train.py --price_per_hour=PRICE --max_cost=COST` stops a run at this
   estimate, and its progress bar and metrics.jsonl report the same figures as it goes.
 """
@@ -22,9 +22,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from bench.results import report  # noqa: E402
-from rodin import budget  # noqa: E402
+from rodin.train import budget  # noqa: E402
 from rodin.config import PRESETS  # noqa: E402
-from rodin.device import PEAK_BF16_FLOPS  # noqa: E402
+from rodin.train.device import PEAK_BF16_FLOPS  # noqa: E402
 from rodin.model import LLaMA  # noqa: E402
 
 ANCHOR = {"tokens": 32e9, "gpu_hours": 140.0, "gpu": "B200", "eur": 285.0, "preset": "rodin-1b"}
@@ -75,7 +75,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=float, default=ANCHOR["tokens"], help="tokens to train on")
     parser.add_argument("--preset", default=ANCHOR["preset"], help="training preset (model shape and seq_len)")
-    parser.add_argument("--gpu", default=ANCHOR["gpu"], help="a name in rodin.device.PEAK_BF16_FLOPS")
+    parser.add_argument("--gpu", default=ANCHOR["gpu"], help="a name in rodin.train.device.PEAK_BF16_FLOPS")
     parser.add_argument("--tokens_per_s", type=float, default=None, help="measured, per GPU (bench/train_throughput.py)")
     parser.add_argument("--mfu", type=float, default=None, help="assumed MFU when tokens/s is not measured (default: the anchor's)")
     parser.add_argument("--gpus", type=int, default=1)

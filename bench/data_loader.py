@@ -4,8 +4,8 @@
     python bench/data_loader.py --preset=gpu-demo --steps=50
 
 Frozen decisions:
-- The loader and step are train.py's own (rodin.data.TrainBatches over memory-mapped shards,
-  rodin.loop.train_step); only the time inside next_batch() is counted as loading.
+- The loader and step are train.py's own (rodin.data.batches.TrainBatches over memory-mapped shards,
+  rodin.train.loop.train_step); only the time inside next_batch() is counted as loading.
 - Without the preset's shards (make data), or with --quick, a small tokenizer and shards are made
   from the shipped corpus in a temporary directory, so the bench runs on a fresh clone.
 """
@@ -28,12 +28,12 @@ import torch  # noqa: E402
 
 from bench.results import report  # noqa: E402
 from rodin.config import PRESETS  # noqa: E402
-from rodin.data import TrainBatches, Windows, find_shards  # noqa: E402
-from rodin.device import autocast, pick_device  # noqa: E402
-from rodin.loop import train_step  # noqa: E402
+from rodin.data.batches import TrainBatches, Windows, find_shards  # noqa: E402
+from rodin.train.device import autocast, pick_device  # noqa: E402
+from rodin.train.loop import train_step  # noqa: E402
 from rodin.model import LLaMA  # noqa: E402
-from rodin.optim import make_optimizer  # noqa: E402
-from rodin.tokenizer import Tokenizer  # noqa: E402
+from rodin.train.optim import make_optimizer  # noqa: E402
+from rodin.data.tokenizer import Tokenizer  # noqa: E402
 
 CORPUS = os.path.join(ROOT, "data", "littre-citations.txt.gz")
 

@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 from bench.results import report  # noqa: E402
 from data import clean, download, encode, mix, train_tokenizer  # noqa: E402
-from rodin.tokenizer import Tokenizer  # noqa: E402
+from rodin.data.tokenizer import Tokenizer  # noqa: E402
 
 CORPUS = os.path.join(ROOT, "data", "littre-citations.txt.gz")
 

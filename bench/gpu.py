@@ -11,14 +11,14 @@ Frozen decisions:
   LlamaForCausalLM compiled whole, in the same run: tokens/s, MFU against the datasheet and against
   a bf16 matmul measured on the card, peak memory); `preset_3090` (train.py --preset=3090 under a
   24 GiB cap, two micro-batches a step so gradients accumulate as in the real run: tokens/s, MFU,
-  peak); `memory` (rodin/preflight.py's closed form and bench/memory_estimate.py's fake-tensor
+  peak); `memory` (rodin/train/preflight.py's closed form and bench/memory_estimate.py's fake-tensor
   estimate against torch.cuda.max_memory_allocated, eager, 3090 and b200 presets); `optimizers`
   (Muon's step against AdamW's on rodin-1b, compiled); `tests` (pytest -m gpu); `throughput` (as
   the first, both eager); `fsdp` (train.py --preset=b200 under torchrun over every GPU: NCCL, bf16,
   FSDP2; 2 GPUs or more). What the budget leaves out, a second call runs with --only.
 - Imports only what a GPU machine's own python3 is likely to have (torch, transformers,
   sentencepiece, safetensors, numpy, tqdm, matplotlib, pytest): no wandb, datasets, gguf, ftfy,
-  py3langid, lm_eval or llama_cpp (tests/test_bench_gpu.py runs it with those blocked).
+  py3langid, lm_eval or llama_cpp (tests/bench/test_bench_gpu.py runs it with those blocked).
 - Each item runs in its own process with a timeout, so an out-of-memory error or a hang ends that
   item only, and leaves a row in bench/RESULTS.md whatever happens (figures, or failed/timed
   out/skipped and why). The device, torch and CUDA come first in the output, and a line as each
@@ -91,13 +91,14 @@ def steady_figures(run_dir):
 
 
 def item_tests(args, data):
-    def has_gpu_tests(name):
-        with open(os.path.join(ROOT, "tests", name)) as f:
+    def has_gpu_tests(path):
+        with open(os.path.join(ROOT, path)) as f:
             return "pytest.mark.gpu" in f.read()
 
     # only the files that hold gpu tests: the others may import packages this machine lacks
-    files = sorted(os.path.join("tests", n) for n in os.listdir(os.path.join(ROOT, "tests")) if n.startswith("test_")
-                   and n.endswith(".py") and has_gpu_tests(n))
+    files = sorted(os.path.relpath(os.path.join(folder, n), ROOT) for folder, _, names in os.walk(os.path.join(ROOT, "tests"))
+                   for n in names if n.startswith("test_") and n.endswith(".py"))
+    files = [f for f in files if has_gpu_tests(f)]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files],
                           cwd=ROOT, capture_output=True, text=True)
     print(done.stdout[-3000:], done.stderr[-2000:])
@@ -118,7 +119,7 @@ def item_preset_3090(args, data):
     import torch
 
     import train
-    from rodin.device import measured_matmul_flops
+    from rodin.train.device import measured_matmul_flops
 
     cap = 24
     figures = {"preset": "3090", "cap_gib": cap}
@@ -133,7 +134,7 @@ def item_preset_3090(args, data):
                        *run_args(args, data)]) == 0
     figures.update(steady_figures(os.path.join(data["runs"], "preset_3090")))
     if not args.quick and "mfu" in figures:
-        from rodin.device import peak_flops
+        from rodin.train.device import peak_flops
 
         figures["mfu_achievable"] = figures["mfu"] * peak_flops(torch.device("cuda")) / achievable
     return figures
@@ -145,7 +146,7 @@ def item_memory(args, data):
     import train
     from bench.memory_estimate import estimate
     from rodin.config import PRESETS, parse_args
-    from rodin.preflight import estimate_peak_gib
+    from rodin.train.preflight import estimate_peak_gib
 
     for preset in ("3090", "b200"):
         # two micro-batches, so that accumulated gradients count; b200's micro-batch is the one
@@ -185,8 +186,8 @@ def item_optimizers(args, data):
 
     from bench.train_throughput import build
     from rodin.config import MODELS, PRESETS
-    from rodin.device import autocast
-    from rodin.optim import make_optimizer
+    from rodin.train.device import autocast
+    from rodin.train.optim import make_optimizer
 
     device = torch.device("cpu" if args.quick else "cuda")
     name, seq_len, batch = ("test", 32, 2) if args.quick else ("rodin-1b", 2048, 8)

@@ -5,7 +5,7 @@
     python bench/memory_estimate.py --preset=b200 --activation_checkpointing=ops --cap_gib=180
 
 Frozen decisions:
-- The estimate is rodin.memory's (the one --micro_batch_size=auto fits with): train.py's own
+- The estimate is rodin.train.memory's (the one --micro_batch_size=auto fits with): train.py's own
   step run twice on fake tensors, live storages added up by kind. It counts tensors, not the
   allocator: fragmentation, the CUDA context and cuBLAS workspaces come on top, hence the
   headroom figure against the cap, and the `gpu` test that compares this estimate with
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.results import report  # noqa: E402
 from rodin.config import MODELS, parse_args  # noqa: E402
-from rodin.memory import estimate, per_device_gib, with_micro_batch  # noqa: E402
+from rodin.train.memory import estimate, per_device_gib, with_micro_batch  # noqa: E402
 
 
 def main(argv=None):

@@ -31,7 +31,7 @@ import train  # noqa: E402
 from bench.data_loader import make_data  # noqa: E402
 from bench.results import RESULTS, report  # noqa: E402
 from rodin.config import PRESETS, parse_args  # noqa: E402
-from rodin.device import pick_device, resolve_dtype  # noqa: E402
+from rodin.train.device import pick_device, resolve_dtype  # noqa: E402
 
 # the recipes compared, each with what it changes in the preset. AdamW keeps its best learning
 # rate (cpu-demo, 500 steps in bf16: held-out bpb 1.769 at 1.5e-3, 1.748 at 3e-3, 1.983 at 6e-3);

@@ -26,8 +26,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from bench.results import report  # noqa: E402
-from rodin.chat import chat_reply, load_chat_model  # noqa: E402
-from rodin.sft_data import read_conversations, shuffled, split_conversations  # noqa: E402
+from rodin.eval.chat import chat_reply, load_chat_model  # noqa: E402
+from rodin.data.sft_rows import read_conversations, shuffled, split_conversations  # noqa: E402
 from sft import held_out_prompts  # noqa: E402
 
 QUOTED = re.compile(r"«\s*([^»]+?)\s*»")

@@ -7,11 +7,11 @@
 
 Frozen decisions:
 - Both models get the same shape, batch, autocast dtype, fp32 cross-entropy and AdamW, and go
-  through the same step as train.py (rodin.loop.train_step: forward, backward, clip, step).
+  through the same step as train.py (rodin.train.loop.train_step: forward, backward, clip, step).
 - On CPU the two alternate, repeat after repeat, so a busy neighbour slows both alike; on a GPU
   they run one after the other, each alone in memory (two 1B models with AdamW do not fit a cap).
 - Figures are medians over repeats; ratio = our tokens/s / transformers'; MFU (GPU only, with the
-  FLOPs of LLaMA.flops_per_token) is against the datasheet's dense bf16 peak (rodin.device.peak_flops)
+  FLOPs of LLaMA.flops_per_token) is against the datasheet's dense bf16 peak (rodin.train.device.peak_flops)
   and, as *_mfu_achievable, against a bf16 matmul measured on the card in the same run.
 - On a CPU shared with other jobs, wall-clock time swings 3x from repeat to repeat: --clock=cpu
   --threads=1 times the process's own CPU seconds instead, which stays within a few percent.
@@ -36,11 +36,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.results import report  # noqa: E402
 from rodin.config import MODELS  # noqa: E402
-from rodin.device import autocast, measured_matmul_flops, peak_flops, pick_device, resolve_dtype  # noqa: E402
-from rodin.hf import hf_config  # noqa: E402
-from rodin.loop import train_step  # noqa: E402
+from rodin.train.device import autocast, measured_matmul_flops, peak_flops, pick_device, resolve_dtype  # noqa: E402
+from rodin.ship.hf import hf_config  # noqa: E402
+from rodin.train.loop import train_step  # noqa: E402
 from rodin.model import LLaMA  # noqa: E402
-from rodin.optim import make_optimizer  # noqa: E402
+from rodin.train.optim import make_optimizer  # noqa: E402
 
 
 class HFCausalLM(nn.Module):
@@ -66,7 +66,7 @@ def build(name, cfg, device, attn_implementation, compile_model):
     optimizer = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95))
     if compile_model and name == "rodin":
         for block in model.layers:
-            block.compile()  # as train.py compiles it (rodin.distributed.build_model)
+            block.compile()  # as train.py compiles it (rodin.train.distributed.build_model)
         return model, optimizer
     return (torch.compile(model) if compile_model else model), optimizer
 

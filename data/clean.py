@@ -6,11 +6,11 @@ Frozen decisions:
 - input is download.py's folder (one subfolder of *.jsonl.gz per source); output mirrors it;
 - three resumable passes: (1) per shard, in parallel: repair, rules, dedup keys, written under
   OUT/work/ with a per-shard report written last (a shard with a report is done); (2) dedup over
-  all keys on disk (rodin/dedup.py), the first document of a cluster kept in source order;
+  all keys on disk (rodin/data/dedup.py), the first document of a cluster kept in source order;
   (3) per shard: the kept documents, with "cluster_size" when duplicates were removed
   (FineWeb-2 keeps it for rehydration), then OUT/clean_report.json and .md; RAM in pass 2 is
   16 bytes a document plus one bucket (--buckets=256 for a billion documents);
-- rules and thresholds: rodin/quality.py RULES, changed with --config, --set and --disable.
+- rules and thresholds: rodin/data/quality.py RULES, changed with --config, --set and --disable.
 """
 
 import argparse
@@ -29,10 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from rodin.dedup import MinHasher, find_duplicates  # noqa: E402
+from rodin.data.dedup import MinHasher, find_duplicates  # noqa: E402
 from rodin.io import atomic_write_bytes, atomic_write_text  # noqa: E402
-from rodin.quality import RULES, check, french_probability, remove_boilerplate_lines, repair  # noqa: E402
-from rodin.records import JsonlShardWriter, read_jsonl  # noqa: E402
+from rodin.data.quality import RULES, check, french_probability, remove_boilerplate_lines, repair  # noqa: E402
+from rodin.data.records import JsonlShardWriter, read_jsonl  # noqa: E402
 
 N_EXAMPLES = 3
 EXAMPLE_CHARS = 300
@@ -63,7 +63,7 @@ def build_rules(config=None, overrides=(), disable=(), ocr=False):
 
 def _rule(rules, name):
     if name not in rules:
-        raise SystemExit(f"no quality rule {name!r}; known: {', '.join(rules)} (rodin/quality.py)")
+        raise SystemExit(f"no quality rule {name!r}; known: {', '.join(rules)} (rodin/data/quality.py)")
     return rules[name]
 
 

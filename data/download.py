@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tqdm import tqdm  # noqa: E402
 
 from rodin.io import atomic_write_text  # noqa: E402
-from rodin.records import JsonlShardWriter, list_files, read_rows  # noqa: E402
+from rodin.data.records import JsonlShardWriter, list_files, read_rows  # noqa: E402
 
 REGISTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sources.json")
 MISSING_FIELD_LIMIT = 1000

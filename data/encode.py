@@ -4,7 +4,7 @@
     python data/encode.py --mixture=data/mix.json --tokenizer=data/tok/tokenizer.model --out_dir=data/tokens
 
 Frozen decisions:
-- each document becomes <s> tokens </s>; the split is by document hash (rodin.text.is_validation,
+- each document becomes <s> tokens </s>; the split is by document hash (rodin.data.text.is_validation,
   or the mixture's own split); a mixture's train documents come repeated by their weights;
 - every core encodes (a pool over batches of documents; results are written in input order, so
   the shards do not depend on the number of workers); a shard closes past --shard_tokens;
@@ -28,10 +28,10 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from rodin.io import atomic_write_text  # noqa: E402
-from rodin.mixture import documents, load_manifest  # noqa: E402
-from rodin.shards import ShardWriter, dtype_for_vocab  # noqa: E402
-from rodin.text import FILES_VAL_FRACTION, is_validation, read_documents  # noqa: E402
-from rodin.tokenizer import Tokenizer  # noqa: E402
+from rodin.data.mixture import documents, load_manifest  # noqa: E402
+from rodin.data.shards import ShardWriter, dtype_for_vocab  # noqa: E402
+from rodin.data.text import FILES_VAL_FRACTION, is_validation, read_documents  # noqa: E402
+from rodin.data.tokenizer import Tokenizer  # noqa: E402
 
 _tokenizer = None
 

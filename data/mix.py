@@ -4,7 +4,7 @@
 
 Writes the manifest (JSON, read by data/train_tokenizer.py and data/encode.py --mixture) and a
 Markdown table beside it: per source and split, documents and bytes before and after weighting.
-Weights are passes over a source (2 = upsampled twice, 0.5 = half); see rodin/mixture.py. A token
+Weights are passes over a source (2 = upsampled twice, 0.5 = half); see rodin/data/mixture.py. A token
 budget needs the tokenizer's fertility report: mix in bytes, train the tokenizer, mix again in tokens.
 """
 
@@ -21,7 +21,7 @@ from tqdm import tqdm  # noqa: E402
 
 from data.download import parse_size  # noqa: E402
 from rodin.io import atomic_write_text  # noqa: E402
-from rodin.mixture import source_documents  # noqa: E402
+from rodin.data.mixture import source_documents  # noqa: E402
 
 
 def parse_pairs(text, convert):

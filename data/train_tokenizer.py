@@ -3,7 +3,7 @@
     python data/train_tokenizer.py data/littre-citations.txt.gz --model=demo --out=data/demo/tokenizer.model
     python data/train_tokenizer.py --mixture=data/mix.json --out=data/tok/tokenizer.model   # vocab 64,000
 
-Validation documents (see rodin.text.is_validation) are left out, so the held-out loss is honest.
+Validation documents (see rodin.data.text.is_validation) are left out, so the held-out loss is honest.
 With --mixture the input is a stratified sample of the mixture's training documents (each source
 in proportion to its share, --sample_bytes in all). The fertility report (<model>.fertility.json
 and .md) gives tokens per word and per byte on held-out documents of each source (or file).
@@ -21,9 +21,9 @@ from tqdm import tqdm  # noqa: E402
 
 from rodin.config import MODELS  # noqa: E402
 from rodin.io import atomic_write_text  # noqa: E402
-from rodin.mixture import load_manifest, sample, source_documents  # noqa: E402
-from rodin.text import is_validation, read_documents  # noqa: E402
-from rodin.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from rodin.data.mixture import load_manifest, sample, source_documents  # noqa: E402
+from rodin.data.text import is_validation, read_documents  # noqa: E402
+from rodin.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 
 def chunks(texts, max_chars=16_000):

@@ -1,4 +1,16 @@
-"""rodin: train a French LLaMA from scratch and ship it to llama.cpp, Ollama and transformers."""
+"""rodin: train a French LLaMA from scratch and ship it to llama.cpp, Ollama and transformers.
+
+The library, by stage; imports run one way, from each package to those before it only:
+
+    model, config, io  <-  data  <-  train  <-  spot  <-  ship  <-  eval
+
+- rodin.model (the LLaMA, imports only torch), rodin.config (the presets), rodin.io (atomic
+  writes and figures): the base every stage stands on;
+- rodin.data, rodin.train, rodin.spot, rodin.ship, rodin.eval: see each package's docstring.
+The scripts (train.py, sft.py, export.py, data/*.py, bench/*.py) import the library, never the
+reverse. tests/test_layers.py reads every import and holds the library to this order.
+`rodin COMMAND` (rodin/__main__.py) runs the library's own commands: chat, eval, report, publish, supervise.
+"""
 
 import re
 

@@ -44,7 +44,7 @@ class TrainConfig:
     data_dir: str = "data/demo"
     tokenizer: str = "data/demo/tokenizer.model"
     seq_len: int = 256
-    micro_batch_size: int = 16  # --micro_batch_size=auto (stored as 0): the largest that fits the device (rodin/memory.py)
+    micro_batch_size: int = 16  # --micro_batch_size=auto (stored as 0): the largest that fits the device (rodin/train/memory.py)
     grad_accum_steps: int = 1
     # > 0: sequences per optimizer step over all processes, stated once for every card and world
     # size; grad_accum_steps is then derived from it, the micro-batch and the number of processes
@@ -66,7 +66,7 @@ class TrainConfig:
     rampup_steps: int = 0
     # adamw: AdamW on every parameter. muon: Muon (orthogonalised momentum) on the blocks' attention
     # and FFN matrices, AdamW (lr, betas, weight_decay) on embeddings, an untied output and gains;
-    # lr carries over (Moonlight's RMS-matching rule, rodin/muon.py)
+    # lr carries over (Moonlight's RMS-matching rule, rodin/train/muon.py)
     optimizer: str = "adamw"
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -87,7 +87,7 @@ class TrainConfig:
     optimizer_in_backward: bool = False  # step each parameter as its gradient completes, then free it; needs grad_accum_steps=1, grad_clip=0
     loss_chunk: int = 0  # > 0: cross-entropy over this many positions at a time; full fp32 logits never exist
     compile: str = "auto"  # auto: on CUDA, and on a CPU for runs of 500 steps or more (distributed.compiles) | on | off: torch.compile each block
-    check_memory: bool = True  # on CUDA, refuse before the first step a run whose estimated peak exceeds the card (rodin/preflight.py)
+    check_memory: bool = True  # on CUDA, refuse before the first step a run whose estimated peak exceeds the card (rodin/train/preflight.py)
     # run directory, evaluation, checkpoints
     out_dir: str = "runs"
     name: str = "demo"
@@ -102,7 +102,7 @@ class TrainConfig:
     # path) that a fresh machine resumes from, and a webhook told of start/checkpoint/stop/crash/finish
     mirror: str = ""
     notify: str = ""
-    # money (rodin/budget.py): the price of one GPU for an hour, in any currency, and a cap on what the run
+    # money (rodin/train/budget.py): the price of one GPU for an hour, in any currency, and a cap on what the run
     # spends over all its launches (0: none); at the cap it checkpoints and exits 0. A price alone only reports.
     price_per_hour: float = 0.0
     max_cost: float = 0.0

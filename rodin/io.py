@@ -1,7 +1,8 @@
 """Atomic file writes: a crash leaves either the old file or the new one, never half of one.
 
 Write to a temporary name in the same directory, fsync, rename over the target, fsync the
-directory so the rename itself survives a power cut.
+directory so the rename itself survives a power cut. Figures (loss.png, the report's, the model
+card's) are saved the same way, through save_figure.
 """
 
 import os
@@ -40,3 +41,25 @@ def atomic_write_text(path, text):
 def fsync_file(path):
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def figure(width, height):
+    """A matplotlib figure and its axes, drawn off-screen (no display on a training machine)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))
+
+
+def save_figure(fig, path):
+    """Write a figure as a PNG under a temporary name, then rename: a reader never sees half a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

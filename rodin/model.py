@@ -204,7 +204,7 @@ class LLaMA(nn.Module):
         doc_ids: (B, T) ids of the documents packed into each row; a token then attends only to
         its own document, with positions counted from the document's start, exactly as if each
         document were alone. loss_fn(hidden, output_weight, targets): computes the loss from the
-        final hidden states instead (rodin/loss.py), and logits are returned as None."""
+        final hidden states instead (rodin/train/loss.py), and logits are returned as None."""
         T = tokens.size(1)
         if start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")

@@ -3,6 +3,7 @@
 import dataclasses
 import gzip
 import itertools
+import json
 import os
 import signal
 import sys
@@ -13,12 +14,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 CORPUS = os.path.join(ROOT, "data", "littre-citations.txt.gz")
+LITTRE_SFT = os.path.join(ROOT, "data", "littre-sft.jsonl.gz")
 
-from rodin import checkpoint  # noqa: E402
 from rodin.config import MODELS, PRESETS, config_to_dict  # noqa: E402
+from rodin.data.tokenizer import Tokenizer  # noqa: E402
 from rodin.model import LLaMA  # noqa: E402
-from rodin.optim import make_optimizer  # noqa: E402
-from rodin.tokenizer import Tokenizer  # noqa: E402
+from rodin.train import checkpoint  # noqa: E402
+from rodin.train.optim import make_optimizer  # noqa: E402
 
 # the test models are tiny: a second intra-op thread only adds contention on a shared 2-core machine
 torch.set_num_threads(1)
@@ -32,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
-# the handlers of SIGTERM, SIGINT and SIGUSR1 before any test (rodin.loop.StopFlag.SIGNALS)
+# the handlers of SIGTERM, SIGINT and SIGUSR1 before any test (rodin.train.loop.StopFlag.SIGNALS)
 DEFAULT_HANDLERS = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
 
 
@@ -110,10 +112,10 @@ def make_run(root, tokenizer_path, tied=True, kv_heads=2, name="run", step=3, se
 
 @pytest.fixture
 def step_clock(monkeypatch):
-    """A fake wall clock for rodin.loop (checkpoints by the clock) and rodin.budget (money) that
+    """A fake wall clock for rodin.train.loop (checkpoints by the clock) and rodin.train.budget (money) that
     moves only while a training step runs: the n-th step of this process takes step_clock.seconds(n)
     seconds (0 until a test sets it), so runs that depend on time are exact and instant."""
-    from rodin import budget, loop
+    from rodin.train import budget, loop
 
     class StepClock:
         now, steps = 0.0, 0
@@ -136,3 +138,18 @@ def step_clock(monkeypatch):
     monkeypatch.setattr(budget, "clock", clock)
     monkeypatch.setattr(loop, "train_step", timed_step)
     return clock
+
+
+def littre_slice(n, max_answer_chars=100):
+    """The first n conversations of the shipped SFT data without a system turn and with a short
+    answer, as JSONL lines: they fit the test model's context."""
+    with gzip.open(LITTRE_SFT, "rt", encoding="utf-8") as f:
+        lines = (line for line in f if (m := json.loads(line)["messages"])[0]["role"] != "system"
+                 and len(m[-1]["content"]) <= max_answer_chars)
+        return list(itertools.islice(lines, n))
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join(line if isinstance(line, str) else json.dumps(line, ensure_ascii=False) + "\n"
+                            for line in lines), encoding="utf-8")
+    return str(path)

@@ -44,7 +44,7 @@ def test_every_preset_is_a_valid_train_config():
 
 
 def test_lucie_preset_ramps_256_to_1024_sequences_by_64_on_a_node_of_8():
-    from rodin.optim import batch_size_at
+    from rodin.train.optim import batch_size_at
 
     cfg = PRESETS["lucie-7b"]
     per_micro_step = cfg.micro_batch_size * 8
@@ -60,11 +60,11 @@ def test_lucie_preset_ramps_256_to_1024_sequences_by_64_on_a_node_of_8():
 def test_dtype_auto_is_bf16_on_cpus_with_native_bf16_and_fp32_elsewhere(monkeypatch):
     import torch
 
-    from rodin import device
+    from rodin.train import device
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(device, "cuda_has_native_bf16", lambda d: True)  # a card from compute capability 8.0 (tests/test_preflight.py: older ones)
+    monkeypatch.setattr(device, "cuda_has_native_bf16", lambda d: True)  # a card from compute capability 8.0 (tests/train/test_preflight.py: older ones)
     assert device.resolve_dtype(cpu) == "bf16" and device.resolve_dtype(cuda) == "bf16"
     assert device.resolve_dtype(cpu, "fp32") == "fp32"
     monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: False)
@@ -79,7 +79,7 @@ def test_native_bf16_is_read_from_the_cpu_flags_when_torch_cannot_tell(monkeypat
 
     import torch
 
-    from rodin import device
+    from rodin.train import device
 
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.delattr(torch.cpu, probe, raising=False)

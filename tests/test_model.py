@@ -183,7 +183,7 @@ def test_bad_shapes_are_refused_with_the_reason():
 @pytest.mark.parametrize("tied,kv_heads", [(True, 4), (False, 2)])
 def test_logits_match_transformers_llama_for_causal_lm(tied, kv_heads):
     transformers = pytest.importorskip("transformers")
-    from rodin.hf import hf_config, to_hf_state_dict
+    from rodin.ship.hf import hf_config, to_hf_state_dict
 
     model = tiny_model(tie_embeddings=tied, n_kv_heads=kv_heads, rope_theta=500000.0)
     config = transformers.LlamaConfig(**{k: v for k, v in hf_config(model.cfg).items() if k not in ("architectures", "model_type")})

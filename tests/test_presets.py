@@ -24,10 +24,10 @@ from torch._dynamo.utils import counters
 
 import sft
 import train
-from rodin import checkpoint
 from rodin.config import PRESETS, SFT_PRESETS, config_to_dict, parse_args
 from rodin.model import LLaMA, ModelConfig
-from rodin.optim import optimizer_for
+from rodin.train import checkpoint
+from rodin.train.optim import optimizer_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

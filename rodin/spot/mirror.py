@@ -1,0 +1,183 @@
+"""A durable copy of a run's checkpoints, for spot machines whose disk dies with them.
+
+Frozen decisions:
+- Any fsspec URL is a mirror: s3://, gs://, a mounted path, memory:// in tests, and hf://
+  (a private Hugging Face Hub repo, through huggingface_hub's HfFileSystem).
+- A checkpoint is uploaded file by file, MANIFEST.json (sizes and sha256) last: a mirrored
+  checkpoint without its manifest is incomplete and never restored.
+- Uploads run in one background thread from hard-linked snapshots, so the training step never
+  waits and local pruning cannot pull a file from under an upload.
+- Restoring downloads into a temporary directory, verifies every checksum, then renames.
+"""
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+import warnings
+
+import fsspec
+
+from rodin.io import atomic_write_text, fsync_dir
+from rodin.train.checkpoint import MANIFEST, checkpoint_root, prunable, verify
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class Mirror:
+    def __init__(self, url, keep=2, keep_every=0):
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.keep, self.keep_every = keep, keep_every  # as the run directory: the newest `keep` and the milestones
+        self.queue = queue.Queue()
+        self.errors = []
+        self.thread = None
+
+    # ---- upload ---------------------------------------------------------------------------
+
+    def submit(self, checkpoint_dir, on_done=None):
+        """Queue a complete local checkpoint for upload; returns at once."""
+        snapshot = self._snapshot(checkpoint_dir)
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._worker, name="rodin-mirror", daemon=True)
+            self.thread.start()
+        self.queue.put((snapshot, on_done))
+
+    def _snapshot(self, checkpoint_dir):
+        """Hard links to the checkpoint's files (a copy where links are impossible)."""
+        staging = os.path.join(os.path.dirname(os.path.dirname(checkpoint_dir)), ".mirror-staging",
+                               os.path.basename(checkpoint_dir))
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        for name in os.listdir(checkpoint_dir):
+            src, dst = os.path.join(checkpoint_dir, name), os.path.join(staging, name)
+            if os.path.isdir(src):
+                shutil.copytree(src, dst, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(src, dst)
+        return staging
+
+    def _worker(self):
+        while True:
+            item = self.queue.get()
+            if item is None:
+                self.queue.task_done()
+                return
+            snapshot, on_done = item
+            try:
+                remote = self.upload(snapshot)
+                if on_done:
+                    on_done(remote)
+            except Exception as e:  # a failed upload must not stop training; the next one retries
+                self.errors.append(e)
+                warnings.warn(f"{self.url}: upload of {snapshot} failed: {e}")
+            finally:
+                shutil.rmtree(snapshot, ignore_errors=True)
+                self.queue.task_done()
+
+    def upload(self, checkpoint_dir):
+        """Copy one checkpoint directory to the mirror, manifest last, then prune. Blocking."""
+        name = os.path.basename(checkpoint_dir)
+        remote = f"{self.root}/{name}"
+        if self.fs.exists(remote):
+            self.fs.rm(remote, recursive=True)  # a stale partial upload of the same step
+        files = {}
+        for dirpath, _, filenames in os.walk(checkpoint_dir):
+            for filename in sorted(filenames):
+                path = os.path.join(dirpath, filename)
+                relative = os.path.relpath(path, checkpoint_dir).replace(os.sep, "/")
+                if relative == MANIFEST:
+                    continue
+                self.fs.makedirs(os.path.dirname(f"{remote}/{relative}"), exist_ok=True)
+                self.fs.put_file(path, f"{remote}/{relative}")
+                files[relative] = {"size": os.path.getsize(path), "sha256": sha256(path)}
+        with open(os.path.join(checkpoint_dir, MANIFEST)) as f:
+            local_manifest = json.load(f)
+        manifest = {"step": local_manifest.get("step"), "files": files, "local_manifest": local_manifest}
+        with self.fs.open(f"{remote}/{MANIFEST}", "w") as f:
+            f.write(json.dumps(manifest, indent=2))
+        self.prune()
+        return remote
+
+    def prune(self):
+        for name in prunable(self.complete(), self.keep, self.keep_every):
+            # the manifest goes first, so a half-deleted checkpoint is never taken for complete
+            self.fs.rm(f"{self.root}/{name}/{MANIFEST}")
+            self.fs.rm(f"{self.root}/{name}", recursive=True)
+
+    def wait(self):
+        """Block until every queued upload has finished (at exit, before the machine goes)."""
+        if self.thread is not None:
+            self.queue.join()
+
+    def close(self):
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+
+    # ---- restore --------------------------------------------------------------------------
+
+    def checkpoints(self):
+        if not self.fs.exists(self.root):
+            return []
+        names = [os.path.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
+        return sorted(n for n in names if n.startswith("step-") and not n.endswith(".tmp"))
+
+    def complete(self):
+        """Names of mirrored checkpoints whose manifest exists, oldest first."""
+        return [n for n in self.checkpoints() if self.fs.exists(f"{self.root}/{n}/{MANIFEST}")]
+
+    def restore_latest(self, run_dir):
+        """Download the newest complete, verified mirrored checkpoint into run_dir; its local
+        path, or None when the mirror has none."""
+        for name in reversed(self.checkpoints()):
+            if not self.fs.exists(f"{self.root}/{name}/{MANIFEST}"):
+                warnings.warn(f"{self.url}/{name}: no manifest (upload interrupted), trying an older checkpoint")
+                continue
+            try:
+                return self._download(name, run_dir)
+            except (OSError, ValueError) as e:
+                warnings.warn(f"{self.url}/{name}: {e}, trying an older checkpoint")
+        return None
+
+    def _download(self, name, run_dir):
+        remote = f"{self.root}/{name}"
+        with self.fs.open(f"{remote}/{MANIFEST}", "r") as f:
+            manifest = json.load(f)
+        root = checkpoint_root(run_dir)
+        final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for relative, expected in manifest["files"].items():
+            local = os.path.join(tmp, *relative.split("/"))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            self.fs.get_file(f"{remote}/{relative}", local)
+            if os.path.getsize(local) != expected["size"] or sha256(local) != expected["sha256"]:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ValueError(f"{relative} does not match its manifest checksum")
+        atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest["local_manifest"], indent=2))
+        problem = verify(tmp)
+        if problem:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ValueError(problem)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        return final
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst

@@ -1,0 +1,96 @@
+"""Keep a training run alive on a spot machine: relaunch it after a crash or a preemption, with
+backoff, until it is complete — and give up when it keeps failing at the same step.
+
+    rodin supervise --run_dir=runs/rodin-1b -- torchrun --nproc_per_node=8 --max-restarts=3 train.py --preset=b200
+
+torchrun's --max-restarts restarts workers inside one launch; this supervisor restarts the launch
+itself. A run is complete when its newest checkpoint has reached the config's max_steps. A run
+whose newest checkpoint records that it has spent its --max_cost (rodin/train/budget.py) is not relaunched:
+only a higher cap, given by a person, continues it. A launch that ends without the checkpoint step
+advancing counts as a failure; max_failures of those in a row (a NaN loss, a bad node, a full disk)
+stop the loop instead of burning money.
+"""
+
+import argparse
+import signal
+import subprocess
+import sys
+import time
+
+from rodin.train import budget, checkpoint
+
+
+def run_progress(run_dir):
+    """(step of the newest complete checkpoint, max_steps of its run), (0, None) when none."""
+    path = checkpoint.latest(run_dir)
+    if path is None:
+        return 0, None
+    meta = checkpoint.read_meta(path)
+    return meta["step"], meta.get("config", {}).get("max_steps")
+
+
+def spent_budget(run_dir):
+    """The budget record of the newest complete checkpoint if the run has spent its cap, else None."""
+    path = checkpoint.latest(run_dir)
+    record = checkpoint.read_meta(path).get("budget") if path else None
+    return record if budget.reached(record) else None
+
+
+def supervise(command, run_dir, max_failures=3, backoff_s=10.0, max_backoff_s=600.0, log=print):
+    """Run `command` until the run completes or has spent its budget; returns 0, or 1 after
+    max_failures launches in a row that made no progress."""
+    failures, launches = 0, 0
+    child = None
+
+    def forward(signum, frame):
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)  # the trainer checkpoints and exits 0; we stop with it
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        while True:
+            step_before, _ = run_progress(run_dir)
+            launches += 1
+            log(f"supervise: launch {launches} at step {step_before}: {' '.join(command)}")
+            child = subprocess.Popen(command)
+            code = child.wait()
+            step_after, max_steps = run_progress(run_dir)
+            if code == 0 and max_steps is not None and step_after >= max_steps:
+                log(f"supervise: run complete at step {step_after} after {launches} launch(es)")
+                return 0
+            spent = spent_budget(run_dir)
+            if spent is not None:  # relaunching would train nothing: only a higher cap continues
+                log(f"supervise: the run spent its budget ({spent['cost']:.2f} of --max_cost={spent['max_cost']:g}) at "
+                    f"step {step_after} (exit code {code}); not relaunching. To continue, relaunch with a higher --max_cost")
+                return 0
+            failures = 0 if step_after > step_before else failures + 1
+            if failures >= max_failures:
+                log(f"supervise: giving up: {failures} launches in a row ended at step {step_after} "
+                    f"(last exit code {code}); look at the run's log before relaunching")
+                return 1
+            delay = min(max_backoff_s, backoff_s * 2 ** max(0, failures - 1))
+            log(f"supervise: exit code {code} at step {step_after}; relaunching in {delay:.0f} s")
+            time.sleep(delay)
+    except KeyboardInterrupt:
+        if child is not None:
+            child.wait()
+        log("supervise: stopped by a signal; the trainer wrote its checkpoint")
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--" not in argv:
+        sys.exit("usage: rodin supervise --run_dir=runs/NAME [options] -- COMMAND ...")
+    split = argv.index("--")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_dir", required=True, help="the run directory the command trains into")
+    parser.add_argument("--max_failures", type=int, default=3, help="launches in a row without progress before giving up")
+    parser.add_argument("--backoff_s", type=float, default=10.0)
+    parser.add_argument("--max_backoff_s", type=float, default=600.0)
+    args = parser.parse_args(argv[:split])
+    return supervise(argv[split + 1:], args.run_dir, args.max_failures, args.backoff_s, args.max_backoff_s)

@@ -1,0 +1,403 @@
+"""Checkpoints of a run: runs/<name>/checkpoints/step-NNNNNNN/, written so that a crash at any
+instant leaves the previous checkpoint intact and the new one either whole or ignorable.
+
+A checkpoint is written into step-N.tmp/, every file fsynced, then MANIFEST.json (file sizes)
+written last, then the directory renamed to step-N/. On start the newest directory with a
+manifest whose sizes match is loaded; a partial or corrupt one is skipped with a warning.
+Tensors go to safetensors (no pickle); the rest (step, data cursor, config) to JSON.
+Under torchrun (world size > 1, FSDP2) the tensors go to torch.distributed.checkpoint instead:
+every rank writes its shards and its RNG state into the same step-N.tmp/, rank 0 writes the
+manifest last and renames, so the directory contract (and `latest`) is the same for both formats.
+Either format loads into a model sharded or not: DCP reshards, and a safetensors file is read by
+rank 0 alone and broadcast into the shards.
+Saves are synchronous: RODIN-1B's weights and moments are ~15 GB, seconds to write every few
+hundred steps, and a save that is finished is the one a SIGTERM can rely on.
+"""
+
+import json
+import os
+import shutil
+import warnings
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from rodin.data.tokenizer import checkpoint_tokenizer
+from rodin.io import atomic_write_text, fsync_dir, fsync_file
+from rodin.model import LLaMA, ModelConfig
+from rodin.train.optim import parts
+
+MANIFEST = "MANIFEST.json"
+
+
+def checkpoint_root(run_dir):
+    return os.path.join(run_dir, "checkpoints")
+
+
+def model_tensors(model):
+    """The model's state dict, a tied output matrix stored once (safetensors refuses shared storage)."""
+    state = model.state_dict()
+    if getattr(model.cfg, "tie_embeddings", False):
+        state.pop("output.weight", None)
+    return {k: v.detach().contiguous() for k, v in state.items()}
+
+
+def load_model_tensors(model, tensors, source):
+    if getattr(model.cfg, "tie_embeddings", False):
+        tensors = dict(tensors, **{"output.weight": tensors["tok_embeddings.weight"]})
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights do not fit the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def optimizer_tensors(optimizer):
+    """Flatten torch.optim state to {'state.<param index>.<name>': tensor} plus JSON-able groups."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for pid, per_param in state["state"].items():
+        for key, value in per_param.items():
+            tensors[f"state.{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, state["param_groups"]
+
+
+def load_optimizer_tensors(optimizer, tensors, param_groups):
+    state = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def rng_tensors():
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    return tensors
+
+
+def restore_rng(tensors):
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def is_sharded_run():
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_dcp(path):
+    return os.path.exists(os.path.join(path, ".metadata"))
+
+
+def save(run_dir, step, model, optimizer, meta, keep, keep_every=0):
+    """Write checkpoint `step` atomically, then prune to the newest `keep` and the milestones
+    (steps that are multiples of keep_every > 0). meta: JSON-able dict.
+    Under torchrun every rank must call it (the sharded state is written collectively)."""
+    if is_sharded_run():
+        return save_sharded(run_dir, step, model, optimizer, meta, keep, keep_every)
+    root = checkpoint_root(run_dir)
+    final = os.path.join(root, f"step-{step:07d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    opt_tensors, param_groups = optimizer_tensors(optimizer)
+    save_file(model_tensors(model), os.path.join(tmp, "model.safetensors"))
+    save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+    save_file(rng_tensors(), os.path.join(tmp, "rng.safetensors"))
+    with open(os.path.join(tmp, "trainer.json"), "w") as f:
+        json.dump(dict(meta, step=step, optimizer_param_groups=param_groups), f, indent=2)
+    files = sorted(os.listdir(tmp))
+    for name in files:
+        fsync_file(os.path.join(tmp, name))
+    commit(run_dir, tmp, final, step, files, keep, keep_every)
+    return final
+
+
+def commit(run_dir, tmp, final, step, files, keep, keep_every=0):
+    """The manifest (file sizes) last, then the rename: before it the checkpoint does not exist."""
+    sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in files}
+    atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps({"step": step, "files": sizes}, indent=2))
+    if os.path.exists(final):
+        shutil.rmtree(final)  # re-saving a step after a restart
+    os.replace(tmp, final)
+    fsync_dir(checkpoint_root(run_dir))
+    for old in prunable(complete_checkpoints(run_dir), keep, keep_every):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def step_of(path):
+    """The step of a checkpoint from its directory name, step-NNNNNNN."""
+    return int(os.path.basename(os.path.normpath(path))[len("step-"):])
+
+
+def prunable(paths, keep, keep_every=0):
+    """Of checkpoints oldest first (paths or names), those to delete: all but the newest `keep`,
+    except the milestones, whose step is a multiple of keep_every (> 0), kept for later evaluation."""
+    return [p for p in paths[:-keep] if not (keep_every and step_of(p) % keep_every == 0)]
+
+
+def save_sharded(run_dir, step, model, optimizer, meta, keep, keep_every=0):
+    """DCP: each rank writes its own shards; rank 0 writes trainer.json, the manifest, and renames."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank = dist.get_rank()
+    final = os.path.join(checkpoint_root(run_dir), f"step-{step:07d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, parts(optimizer))
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    save_file(rng_tensors(), os.path.join(tmp, f"rng-rank{rank}.safetensors"))
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer.json"), "w") as f:
+            json.dump(dict(meta, step=step, world_size=dist.get_world_size(), format="dcp"), f, indent=2)
+    dist.barrier()  # every rank's files are on disk
+    if rank == 0:
+        files = sorted(os.listdir(tmp))
+        for name in files:
+            fsync_file(os.path.join(tmp, name))
+        commit(run_dir, tmp, final, step, files, keep, keep_every)
+    dist.barrier()
+    return final
+
+
+def verify(path):
+    """None if the checkpoint at path is complete, else the reason it is not."""
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.exists(manifest_path):
+        return "no manifest (interrupted while writing)"
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"unreadable manifest ({e})"
+    for name, size in manifest["files"].items():
+        file = os.path.join(path, name)
+        if not os.path.exists(file) or os.path.getsize(file) != size:
+            return f"{name} is missing or has the wrong size"
+    return None
+
+
+def complete_checkpoints(run_dir):
+    """Paths of complete checkpoints, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith("step-") and not n.endswith(".tmp"))
+    return [os.path.join(root, n) for n in names if verify(os.path.join(root, n)) is None]
+
+
+def latest(run_dir):
+    """The newest complete checkpoint, warning about newer ones that are partial or corrupt."""
+    root = checkpoint_root(run_dir)
+    if not os.path.isdir(root):
+        return None
+    for name in sorted(os.listdir(root), reverse=True):
+        path = os.path.join(root, name)
+        if not name.startswith("step-"):
+            continue
+        problem = "interrupted while writing" if name.endswith(".tmp") else verify(path)
+        if problem is None:
+            return path
+        warnings.warn(f"{path}: skipping checkpoint: {problem}")
+    return None
+
+
+def resolve(path):
+    """A run directory -> its newest complete checkpoint; a checkpoint directory -> itself, if complete."""
+    path = str(path)
+    if os.path.exists(os.path.join(path, "trainer.json")) or os.path.basename(os.path.normpath(path)).startswith("step-"):
+        problem = verify(path)
+        if problem:
+            raise ValueError(f"{path}: not a complete checkpoint ({problem}); give its run directory to take the newest complete one")
+        return path
+    found = latest(path)
+    if found is None:
+        raise ValueError(f"{path}: no complete checkpoint in {checkpoint_root(path)}; give a run directory or a step-N directory (train it first: make pretrain)")
+    return found
+
+
+def check_world_size(path, meta, global_batch, new_run):
+    """Whether the checkpoint at path can continue its run on this world size: None if written by
+    as many processes, a note if it is resharded (DCP reshards; a single-process checkpoint is
+    read by rank 0 and broadcast into the shards), else ValueError. The data cursor is global, so
+    the run continues on the same data only if the global batch is the same. new_run: the options
+    that start a new run from the checkpoint instead, for the message."""
+    saved_world = meta.get("world_size", 1)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if saved_world == world:
+        return None
+    saved = meta["config"]
+    saved_batch = meta.get("global_batch", saved["micro_batch_size"] * saved["grad_accum_steps"] * saved_world)
+    if global_batch != saved_batch:
+        raise ValueError(f"{path}: written by {saved_world} process(es) with a global batch of {saved_batch} sequences; "
+                         f"to resume on {world}, keep it: --micro_batch_size x --grad_accum_steps = {saved_batch // world} "
+                         f"(or start a new run from it with {new_run})")
+    return f"resharded from {saved_world} to {world} process(es)"
+
+
+def first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def optimizer_name(meta):
+    """The optimizer a checkpoint's state belongs to (checkpoints before Muon: AdamW's)."""
+    return meta["config"].get("optimizer", "adamw")
+
+
+def check_optimizer(path, meta, optimizer, fix):
+    """Refuse an optimizer state of another optimizer than this run's: fix says what to do instead."""
+    saved = optimizer_name(meta)
+    if saved != optimizer:
+        raise ValueError(f"{path}: holds {saved}'s optimizer state, this run uses --optimizer={optimizer}; {fix}")
+
+
+def read_meta(path):
+    with open(os.path.join(path, "trainer.json")) as f:
+        return json.load(f)
+
+
+def is_sft(meta):
+    """Whether a checkpoint is a chat fine-tune: sft.py records the checkpoint it started from."""
+    return "init_from" in meta
+
+
+def load(path, model, optimizer=None, restore_rng_state=True, keep_hyperparams=False):
+    """Load weights (and optimizer, RNG) from a checkpoint directory; returns its meta dict.
+    Either format loads into a model sharded or not (DCP reshards). keep_hyperparams: load the
+    optimizer's moments but keep its current lr/betas/weight decay (a new phase of training)."""
+    meta = read_meta(path)
+    hyperparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if optimizer else None
+    if is_dcp(path):
+        load_dcp(path, model, optimizer)
+    else:
+        if is_sharded_run():
+            # rank 0 alone reads the weights (onto the CPU) and broadcasts them into every rank's shards
+            tensors = load_file(os.path.join(path, "model.safetensors")) if dist.get_rank() == 0 else {}
+            load_full_into_sharded(model, tensors, path)
+        else:
+            load_model_tensors(model, load_file(os.path.join(path, "model.safetensors"), device=str(model.output.weight.device)), path)
+        if optimizer is not None:
+            file = os.path.join(path, "optimizer.safetensors")
+            try:
+                if is_sharded_run():
+                    # rank 0 reads the whole state and broadcasts it into every rank's shards, as the weights
+                    tensors = load_file(file) if dist.get_rank() == 0 else {}
+                    load_full_optimizer_into_sharded(model, optimizer, tensors, meta["optimizer_param_groups"])
+                else:
+                    device = str(next(iter(model.parameters())).device)
+                    load_optimizer_tensors(optimizer, load_file(file, device=device), meta["optimizer_param_groups"])
+            except (ValueError, KeyError, IndexError, RuntimeError) as e:
+                raise ValueError(f"{file}: not a state of this run's optimizer ({first_line(e)}); "
+                                 "start from its weights alone with --init_optimizer=false") from None
+    if optimizer is not None and keep_hyperparams:
+        for group, saved in zip(optimizer.param_groups, hyperparams):
+            group.update(saved)
+    if restore_rng_state:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        name = f"rng-rank{rank}.safetensors" if is_dcp(path) else "rng.safetensors"
+        if os.path.exists(os.path.join(path, name)):  # absent for new ranks when resharding to more processes
+            restore_rng(load_file(os.path.join(path, name)))
+    return meta
+
+
+def resume(path, meta, model, optimizer, data):
+    """Continue a run from its checkpoint: weights, optimizer and RNG states, and the data cursor
+    (data.load_state_dict). Returns (step, tokens_seen)."""
+    load(path, model, optimizer)
+    data.load_state_dict(meta["data"])
+    return meta["step"], meta["tokens_seen"]
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, meta, checkpoint path) of a run directory's newest complete checkpoint
+    or of one checkpoint directory, for inference and export: its weights must read and be finite."""
+    ckpt = resolve(path)
+    meta = read_meta(ckpt)
+    model = LLaMA(ModelConfig(**meta["config"]["model"])).to(device)
+    try:
+        load(ckpt, model, restore_rng_state=False)
+    except Exception as e:  # safetensors raises its own error type on a damaged file
+        raise ValueError(f"{ckpt}/model.safetensors: unreadable weights ({first_line(e)}); use an older checkpoint") from None
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p.detach()).all():
+            raise ValueError(f"{ckpt}/model.safetensors: {name} holds NaN or infinite values; use an older checkpoint")
+    return model.eval(), meta, ckpt
+
+
+def load_run(path, tokenizer_path=None):
+    """(model, tokenizer, meta, checkpoint path) of a run directory's newest complete checkpoint, or
+    of a checkpoint directory: load_model, and the tokenizer it was trained with (the run's copy
+    first, see rodin.data.tokenizer.checkpoint_tokenizer), which must fit the model's vocabulary."""
+    model, meta, ckpt = load_model(path)
+    tokenizer = checkpoint_tokenizer(ckpt, meta, tokenizer_path)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces do not fit the model's vocab_size={model.cfg.vocab_size}")
+    return model, tokenizer, meta, ckpt
+
+
+def load_dcp(path, model, optimizer=None):
+    no_dist = not dist.is_initialized()  # one process reading a sharded checkpoint: DCP reshards
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # that is the intent
+        _load_dcp(path, model, optimizer, no_dist)
+
+
+def _load_dcp(path, model, optimizer, no_dist):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+
+    if optimizer is None:
+        model_state = get_model_state_dict(model)
+        dcp.load({"model": model_state}, checkpoint_id=path, no_dist=no_dist)
+        set_model_state_dict(model, model_state)
+    else:
+        model_state, optim_state = get_state_dict(model, parts(optimizer))
+        try:
+            dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path, no_dist=no_dist)
+        except Exception as e:  # DCP wraps a missing key in its own CheckpointException
+            raise ValueError(f"{path}: its optimizer state does not fit this run's optimizer ({first_line(e)}); "
+                             "start from its weights alone with --init_optimizer=false") from None
+        set_state_dict(model, parts(optimizer), model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def load_full_optimizer_into_sharded(model, optimizer, tensors, param_groups):
+    """A single-process optimizer state (optimizer_tensors' flat form) into an optimizer over a
+    model sharded with FSDP2: rank 0 passes the tensors, the other ranks {}. Parameters are
+    numbered in the same group order on both sides, so index i is the i-th parameter of
+    optimizer.param_groups, whose name (FQN) torch.distributed.checkpoint keys the state by."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    full = {}
+    if dist.get_rank() == 0:
+        names = {id(p): name for name, p in model.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        state = {}
+        for key, value in tensors.items():
+            _, index, name = key.split(".", 2)
+            state.setdefault(order[int(index)], {})[name] = value
+        if len(param_groups) != len(optimizer.param_groups):
+            raise ValueError(f"{len(param_groups)} parameter groups saved, this optimizer has {len(optimizer.param_groups)}")
+        full = {"state": state, "param_groups": [dict(g, params=[order[i] for i in g["params"]]) for g in param_groups]}
+    set_optimizer_state_dict(model, parts(optimizer), full,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+def load_full_into_sharded(model, tensors, source):
+    """Whole (unsharded) weights into a model sharded with FSDP2: rank 0 passes them, on any device,
+    the other ranks pass {}. Each tensor is broadcast in turn and every rank keeps its shard of it,
+    so no other rank ever holds more than one whole tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if tensors and getattr(model.cfg, "tie_embeddings", False):
+        tensors = dict(tensors, **{"output.weight": tensors["tok_embeddings.weight"]})
+    try:
+        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    except RuntimeError as e:
+        raise ValueError(f"{source}: weights do not fit the model config ({e})") from None
