@@ -276,8 +276,43 @@ def _parse_value(text, current, key):
         raise ValueError(f"--{key} expects {kind.__name__}, got {text!r}") from None
 
 
+def field_comments(cls):
+    """{field: the comment on its line} of a config dataclass, from its source: the one place
+    each option is explained, shown by --help."""
+    import inspect
+    import re
+
+    comments = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        for line in inspect.getsource(klass).splitlines():
+            found = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
+            if found:
+                comments[found.group(1)] = found.group(2)
+    return comments
+
+
+def usage(argv, default_preset, presets):
+    """--help: the presets, then every option with its value under the chosen preset (and the
+    other options given), and what it does."""
+    cfg = parse_args([a for a in argv if a not in ("--help", "-h")], default_preset, presets)
+    lines = ["usage: --preset=NAME --model=NAME --key=value --model.key=value ...", "",
+             f"presets: {', '.join(presets)} (default {default_preset}); models: {', '.join(MODELS)}", ""]
+    for prefix, obj in (("", cfg), ("model.", cfg.model)):
+        comments = field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            if f.name == "model":
+                continue
+            value = getattr(obj, f.name)
+            lines.append(f"  --{prefix}{f.name}={value}" + (f"   {comments[f.name]}" if f.name in comments else ""))
+    return "\n".join(lines)
+
+
 def parse_args(argv, default_preset="cpu-demo", presets=PRESETS):
-    """Build a TrainConfig from `--preset=NAME --model=NAME --key=value --model.key=value`."""
+    """Build a TrainConfig from `--preset=NAME --model=NAME --key=value --model.key=value`;
+    --help prints every option and exits."""
+    if "--help" in argv or "-h" in argv:
+        print(usage(argv, default_preset, presets))
+        raise SystemExit(0)
     pairs = []
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:

@@ -84,13 +84,15 @@ def supervise(command, run_dir, max_failures=3, backoff_s=10.0, max_backoff_s=60
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if "--" not in argv:
-        sys.exit("usage: rodin supervise --run_dir=runs/NAME [options] -- COMMAND ...")
-    split = argv.index("--")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="rodin supervise --run_dir=runs/NAME [options] -- COMMAND ...")
     parser.add_argument("--run_dir", required=True, help="the run directory the command trains into")
     parser.add_argument("--max_failures", type=int, default=3, help="launches in a row without progress before giving up")
     parser.add_argument("--backoff_s", type=float, default=10.0)
     parser.add_argument("--max_backoff_s", type=float, default=600.0)
+    if "--" not in argv:
+        parser.parse_args(argv)  # --help prints the options; anything else lacks the command
+        parser.error("give the command to supervise after --")
+    split = argv.index("--")
     args = parser.parse_args(argv[:split])
     return supervise(argv[split + 1:], args.run_dir, args.max_failures, args.backoff_s, args.max_backoff_s)

@@ -1,6 +1,10 @@
-"""Which device and precision a run uses, and the peak FLOP/s that MFU is measured against."""
+"""What a device can do, decided here and asked by the rest: which device and precision a run uses,
+its memory, whether torch.compile has its compiler there, and the peak FLOP/s that MFU is
+measured against (the datasheet's, and a matmul measured on the card)."""
 
 import contextlib
+import importlib.util
+import os
 import platform
 import time
 
@@ -20,6 +24,44 @@ PEAK_BF16_FLOPS = [
     ("L4", 121e12),
     ("A10", 125e12),
 ]
+
+
+def describe(device):
+    """'cuda:0 (NVIDIA H100 80GB HBM3)', or 'cpu': the device as an error message names it."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
+def memory_gib(device):
+    """What one device has: a CUDA card's memory, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 2**30
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def has_cpp_compiler():
+    """Whether inductor finds the C++ compiler it compiles CPU kernels with."""
+    try:
+        from torch._inductor import exc
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch layout: let torch.compile say what it lacks
+        return True
+    try:
+        get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return False
+    return True
+
+
+def compiler_missing(device):
+    """What torch.compile lacks on this device, in words, or None: Triton on CUDA, a C++ compiler
+    on the CPU."""
+    if device.type == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "torch.compile on CUDA needs Triton, which this torch install lacks (pip install triton)"
+        return None
+    if not has_cpp_compiler():
+        return "torch.compile on the CPU needs a C++ compiler (g++, or the one named by $CXX) and none was found"
+    return None
 
 
 def hardware_name(device):

@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 
 from rodin.model import LLaMA
-from rodin.train import activation_checkpoint, preflight
+from rodin.train import activation_checkpoint
 from rodin.train.checkpoint import load_full_into_sharded
+from rodin.train.device import has_cpp_compiler
 
 
 def world_size():
@@ -116,7 +117,7 @@ def compiles(cfg, device):
         return cfg.compile == "on"
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and cfg.max_steps >= CPU_COMPILE_MIN_STEPS and preflight.has_cpp_compiler()
+    return device.type == "cpu" and cfg.max_steps >= CPU_COMPILE_MIN_STEPS and has_cpp_compiler()
 
 
 def shard(model, device):

@@ -16,10 +16,11 @@ Frozen decisions:
 
 import dataclasses
 import math
-import os
 import warnings
 
 import torch
+
+from rodin.train.device import memory_gib
 
 GIB = 2**30
 KINDS = {"Parameter": "params", "Gradient": "grads", "Optstate": "optimizer", "Activation": "activations", "Temp": "temporaries"}
@@ -72,13 +73,6 @@ def per_device_gib(figures, world_size):
         return figures["peak"]
     states = figures["params"] + figures["grads"] + figures["optimizer"]
     return states / world_size + figures["activations"] + figures["temporaries"]
-
-
-def device_memory_gib(device):
-    """What one device has: a CUDA card's memory, or the machine's RAM for the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory / GIB
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
 def micro_batch_choices(cfg, world_size):
@@ -140,7 +134,7 @@ def resolve_batch(cfg, world_size, device, estimate_fn=estimate):
         if not micro_batch_choices(cfg, world_size):
             raise ValueError(f"--global_batch={cfg.global_batch}{ramp_note(cfg)} cannot be split over {world_size} processes "
                              f"in whole micro-batches; choose a multiple of {world_size}")
-        capacity = cfg.memory_gib or device_memory_gib(device)
+        capacity = cfg.memory_gib or memory_gib(device)
         budget = capacity * (1 - cfg.memory_margin)
         micro, need, bigger = fit_micro_batch(cfg, world_size, budget, estimate_fn)
         chosen = with_micro_batch(cfg, micro, world_size)

@@ -18,12 +18,11 @@ Frozen decisions:
 """
 
 import dataclasses
-import importlib.util
 import math
 
 import torch
 
-from rodin.train.device import cuda_has_native_bf16, resolve_dtype
+from rodin.train.device import compiler_missing, cuda_has_native_bf16, describe, memory_gib, resolve_dtype
 
 GIB = 2**30
 
@@ -38,49 +37,26 @@ def check(cfg, device, world=1, compiled=False):
         check_memory(cfg, device, world)
 
 
-def device_name(device):
-    return f"{device} ({torch.cuda.get_device_name(device)})"
-
-
 def check_bf16(cfg, device):
     if cfg.dtype == "bf16" and device.type == "cuda" and not cuda_has_native_bf16(device):
         major, minor = torch.cuda.get_device_capability(device)
-        raise ValueError(f"--dtype=bf16: {device_name(device)} does not compute bf16 natively (compute capability "
+        raise ValueError(f"--dtype=bf16: {describe(device)} does not compute bf16 natively (compute capability "
                          f"{major}.{minor}, bf16 needs 8.0); use --dtype=fp32 (--dtype=auto picks it)")
 
 
-def has_cpp_compiler():
-    """Whether inductor finds the C++ compiler it compiles CPU kernels with."""
-    try:
-        from torch._inductor import exc
-        from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:  # another torch layout: let torch.compile say what it lacks
-        return True
-    try:
-        get_cpp_compiler()
-    except exc.InvalidCxxCompiler:
-        return False
-    return True
-
-
 def check_compiler(device):
-    if device.type == "cuda":
-        if importlib.util.find_spec("triton") is None:
-            raise ValueError("torch.compile on CUDA needs Triton, which this torch install lacks: "
-                             "pip install triton, or --compile=off")
-        return
-    if not has_cpp_compiler():
-        raise ValueError("torch.compile on the CPU needs a C++ compiler (g++, or the one named by $CXX) and none "
-                         "was found: install one, or --compile=off")
+    missing = compiler_missing(device)
+    if missing:
+        raise ValueError(f"{missing}: install it, or --compile=off")
 
 
 def check_memory(cfg, device, world):
-    total = torch.cuda.get_device_properties(device).total_memory / GIB
+    total = memory_gib(device)
     need = estimate_peak_gib(cfg, world, resolve_dtype(device, cfg.dtype))
     if need <= total:
         return
     what = f"micro-batches of {cfg.micro_batch_size} x {cfg.seq_len} tokens"
-    raise ValueError(f"{what} need ~{need:.1f} GiB on each GPU (estimated), {device_name(device)} has {total:.1f} GiB: "
+    raise ValueError(f"{what} need ~{need:.1f} GiB on each GPU (estimated), {describe(device)} has {total:.1f} GiB: "
                      f"{memory_fix(cfg, world, resolve_dtype(device, cfg.dtype), total)}; "
                      "or --check_memory=false to try anyway")
 

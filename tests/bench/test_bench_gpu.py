@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT
+
 # what the H200 machine's python3 lacks (it has torch, transformers, sentencepiece, safetensors,
 # tokenizers, tqdm, numpy, matplotlib, pyarrow, protobuf, huggingface_hub and pytest)
 ABSENT = ("wandb", "datasets", "gguf", "ftfy", "py3langid", "lm_eval", "llama_cpp")

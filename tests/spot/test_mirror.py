@@ -91,11 +91,10 @@ def test_a_run_killed_and_its_disk_lost_resumes_from_the_mirror_bit_identically(
     import sys
     import time
 
+    from conftest import ROOT as root
     from safetensors.torch import load_file
 
     import train
-
-    from conftest import ROOT as root
     common = ["--preset=test", f"--data_dir={demo_data['dir']}", f"--tokenizer={demo_data['tokenizer']}",
               "--name=run", "--max_steps=300", "--ckpt_every=4", "--eval_every=1000"]
     assert train.main(common + [f"--out_dir={tmp_path / 'straight'}"]) == 0

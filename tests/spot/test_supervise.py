@@ -4,10 +4,10 @@ import os
 import sys
 import textwrap
 
+from conftest import ROOT
+
 from rodin.spot.supervise import supervise
 from rodin.train import checkpoint
-
-from conftest import ROOT  # noqa: E402
 
 
 def test_the_supervisor_relaunches_after_a_sigkill_and_stops_when_the_run_is_complete(demo_data, tmp_path):

@@ -90,12 +90,12 @@ def test_sft_rows_of_varying_length_share_one_compiled_graph(demo_data, tmp_path
 
 def test_compile_auto_compiles_on_cuda_and_on_a_cpu_only_for_runs_long_enough_to_pay(monkeypatch):
     from rodin.config import PRESETS, parse_args
-    from rodin.train import distributed, preflight
+    from rodin.train import distributed
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     short, long = parse_args(["--preset=test"]), parse_args(["--preset=test", f"--max_steps={distributed.CPU_COMPILE_MIN_STEPS}"])
     assert distributed.compiles(short, cuda) and distributed.compiles(long, cpu) and not distributed.compiles(short, cpu)
     assert distributed.compiles(PRESETS["cpu-demo"], cpu)  # make pretrain on a CPU compiles
-    monkeypatch.setattr(preflight, "has_cpp_compiler", lambda: False)
+    monkeypatch.setattr(distributed, "has_cpp_compiler", lambda: False)
     assert not distributed.compiles(long, cpu)  # auto without a compiler: eager, not an error
     assert not distributed.compiles(parse_args(["--preset=test", "--compile=off"]), cuda)

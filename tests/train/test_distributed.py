@@ -13,14 +13,13 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import ROOT
 
 import train
 from rodin.config import MODELS, parse_args
 from rodin.model import LLaMA
 from rodin.train import checkpoint, distributed
 from rodin.train.optim import make_optimizer, optimizer_for
-
-from conftest import ROOT  # noqa: E402
 
 
 def common(demo_data, out_dir, name):

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import LITTRE_SFT, ROOT, littre_slice, write_jsonl
 from safetensors.torch import load_file
 
 import sft
@@ -26,8 +27,6 @@ from rodin.data.tokenizer import Tokenizer
 from rodin.eval import chat
 from rodin.model import LLaMA
 from rodin.train import checkpoint
-
-from conftest import LITTRE_SFT, ROOT, littre_slice, write_jsonl  # noqa: E402
 
 CONVERSATION = [
     {"role": "system", "content": "Tu réponds en français."},

@@ -10,12 +10,11 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
 import train
 from rodin.train import checkpoint
-
-from conftest import ROOT  # noqa: E402
 
 
 def run_train(demo_data, out_dir, *args):
