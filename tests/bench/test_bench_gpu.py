@@ -82,7 +82,7 @@ def test_an_item_left_without_time_leaves_a_row_saying_so(tmp_path):
 
 
 def test_make_bench_gpu_with_a_given_python_installs_nothing():
-    done = subprocess.run(["make", "-n", "bench-gpu", f"PY={sys.executable}", "OUT=/tmp/out", "VENV=/nonexistent"],
+    done = subprocess.run(["make", "--no-print-directory", "-n", "bench-gpu", f"PY={sys.executable}", "OUT=/tmp/out", "VENV=/nonexistent"],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [sys.executable, "bench/gpu.py", "--out=/tmp/out"]
