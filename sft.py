@@ -31,6 +31,7 @@ from rodin.spot.lifeline import Lifeline
 from rodin.train import checkpoint, distributed, preflight
 from rodin.train.budget import Budget
 from rodin.train.device import autocast, peak_flops, resolve_dtype
+from rodin.train.guard import DIVERGED, guard_for
 from rodin.train.loop import evaluate, run_steps
 from rodin.train.loss import make_loss_fn
 from rodin.train.memory import accumulation_of_eval_batches, choose_batch
@@ -70,6 +71,10 @@ def finetune(cfg, device, lifeline):
     restored = lifeline.restore()
     if restored:
         say(restored)
+    diverged = lifeline.diverged_before(config_to_dict(cfg))  # the same options would diverge again
+    if diverged:
+        say(diverged)
+        return DIVERGED
     # a run that has a checkpoint resumes from it and no longer needs init_from
     ckpt = checkpoint.latest(run_dir)
     if ckpt is None:
@@ -139,12 +144,13 @@ def finetune(cfg, device, lifeline):
     say(f"model: {model.num_params():,} parameters | {world} x {device.type}{' (FSDP2)' if world > 1 else ''} | "
         f"{resolve_dtype(device, cfg.dtype)} | {cfg.optimizer}")
 
-    state = {"step": step, "tokens_seen": tokens_seen}
+    state = {"step": step, "tokens_seen": tokens_seen, "guard": guard_for(cfg, meta if ckpt is not None else None)}
 
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "data_fingerprint": train_rows.fingerprint(),
                 "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "world_size": world,
-                "global_batch": global_batch, "budget": budget.state_dict()}
+                "global_batch": global_batch, "budget": budget.state_dict(),
+                "guard": state["guard"] and state["guard"].state_dict()}
         path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints, cfg.keep_every)
         lifeline.checkpointed(path, state["step"], **budget.figures(cfg.max_steps - state["step"]))
         return path
@@ -157,17 +163,17 @@ def finetune(cfg, device, lifeline):
     lifeline.send("start", step=step, max_steps=cfg.max_steps, world_size=world, **budget.figures(cfg.max_steps - step))
     loss, stopped = run_steps(
         cfg, state, model=model, optimizer=optimizer, next_batch=batches.next, device=device, amp=amp, loss_fn=loss_fn,
-        run_eval=run_eval, save_checkpoint=save_checkpoint, log=log,
+        run_eval=run_eval, save_checkpoint=save_checkpoint, log=log, notify=lifeline.send,
         sequences_at=lambda step: global_batch,
         tokens_in=lambda batch: int((batch[0] != pad_id).sum()),  # padding is not data
         budget=budget, flops_per_token=model.flops_per_token(cfg.seq_len), peak=peak_flops(device))
     step = state["step"]
     lifeline.wait_for_uploads()
     if stopped:
-        lifeline.stopped(stopped, step, cfg.max_steps - step, budget)
+        lifeline.stopped(stopped, step, cfg.max_steps - step, budget, guard=state["guard"], config=config_to_dict(cfg))
         if is_main:
             log.finish()
-        return 0
+        return DIVERGED if stopped == "diverged" else 0
     prompts = held_out_prompts(val_convs, N_SAMPLES)
     samples = held_out_replies(model, tokenizer, prompts, cfg.sample_tokens)  # all ranks: FSDP needs them in each forward
     lifeline.send("finish", step=step, loss=loss, **budget.figures(0))

@@ -30,6 +30,7 @@ from rodin.train import checkpoint, distributed, preflight
 from rodin.train.bits_per_byte import bytes_per_token, loss_to_bpb, token_byte_lengths
 from rodin.train.budget import Budget
 from rodin.train.device import autocast, peak_flops, resolve_dtype
+from rodin.train.guard import DIVERGED, guard_for
 from rodin.train.loop import evaluate, run_steps, sample_texts
 from rodin.train.loss import make_loss_fn
 from rodin.train.memory import accumulation_of_eval_batches, choose_batch
@@ -107,6 +108,10 @@ def train(cfg, device, lifeline):
     restored = lifeline.restore()
     if restored:
         say(restored)
+    diverged = lifeline.diverged_before(config_to_dict(cfg))  # the same options would diverge again
+    if diverged:
+        say(diverged)
+        return DIVERGED
     ckpt = checkpoint.latest(run_dir)
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
@@ -144,12 +149,13 @@ def train(cfg, device, lifeline):
         f"{world} x {device.type}{' (FSDP2)' if world > 1 else ''} | "
         f"{resolve_dtype(device, cfg.dtype)} | {cfg.optimizer}")
 
-    state = {"step": step, "tokens_seen": tokens_seen}
+    state = {"step": step, "tokens_seen": tokens_seen, "guard": guard_for(cfg, meta if ckpt is not None else None)}
 
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "config": config_to_dict(cfg),
                 "tokenizer": tokenizer.fingerprint, "world_size": world, "global_batch": full_batch,
-                "budget": budget.state_dict()}
+                "budget": budget.state_dict(),
+                "guard": state["guard"] and state["guard"].state_dict()}
         path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints, cfg.keep_every)
         lifeline.checkpointed(path, state["step"], **budget.figures(cfg.max_steps - state["step"]))
         return path
@@ -185,17 +191,17 @@ def train(cfg, device, lifeline):
     lifeline.send("start", step=step, max_steps=cfg.max_steps, world_size=world, **budget.figures(cfg.max_steps - step))
     loss, stopped = run_steps(
         cfg, state, model=model, optimizer=optimizer, next_batch=batches.next, device=device, amp=amp,
-        loss_fn=loss_fn, run_eval=run_eval, save_checkpoint=save_checkpoint, log=log,
+        loss_fn=loss_fn, run_eval=run_eval, save_checkpoint=save_checkpoint, log=log, notify=lifeline.send,
         sequences_at=lambda step: batch_size_at(step, full_batch, cfg.rampup_start, cfg.rampup_increment, cfg.rampup_steps),
         tokens_in=lambda batch: batch[0].numel(), budget=budget, flops_per_token=flops_per_token, peak=peak,
         sample=sample)
     step = state["step"]
     lifeline.wait_for_uploads()
     if stopped:
-        lifeline.stopped(stopped, step, cfg.max_steps - step, budget)
+        lifeline.stopped(stopped, step, cfg.max_steps - step, budget, guard=state["guard"], config=config_to_dict(cfg))
         if is_main:
             log.finish()
-        return 0
+        return DIVERGED if stopped == "diverged" else 0
     samples = sample_texts(model, tokenizer, cfg.sample_tokens)
     lifeline.send("finish", step=step, loss=loss, **budget.figures(0))
     if is_main:

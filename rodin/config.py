@@ -27,6 +27,20 @@ MODELS = {
 }
 
 
+def check_guard_options(cfg):
+    """The guard's options (TrainConfig and SFTConfig), each named with the range it takes."""
+    if cfg.spike_factor <= 1:
+        raise ValueError(f"--spike_factor={cfg.spike_factor:g}: must exceed 1 (3 is the usual value)")
+    for key in ("spike_steps", "max_rollbacks"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key}={getattr(cfg, key)}: must be at least 1")
+    if cfg.spike_window < 10 or cfg.max_skipped < 0:
+        raise ValueError(f"--spike_window={cfg.spike_window} must be at least 10 steps and --max_skipped={cfg.max_skipped} "
+                         "at least 0")
+    if not 0 < cfg.rollback_lr_factor <= 1:
+        raise ValueError(f"--rollback_lr_factor={cfg.rollback_lr_factor:g}: must be in (0, 1] (1: the LR unchanged)")
+
+
 def check_spot_options(cfg):
     """The options of checkpoints by the clock, milestones and the budget (TrainConfig and SFTConfig)."""
     for key in ("ckpt_every_minutes", "keep_every", "price_per_hour", "max_cost"):
@@ -77,6 +91,18 @@ class TrainConfig:
     muon_weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 1337
+    # the guard (rodin/train/guard.py): a non-finite step is not applied; a spike (the loss above
+    # spike_factor x the median of the last spike_window losses for spike_steps steps in a row, or more
+    # than max_skipped non-finite steps in spike_window) rolls back to the newest checkpoint before it,
+    # past its data, with the LR x rollback_lr_factor until the spike's step; max_rollbacks without
+    # recovery stop the run as diverged
+    guard: bool = True
+    spike_factor: float = 3.0
+    spike_steps: int = 3
+    spike_window: int = 100
+    max_skipped: int = 10
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
     # a new phase from another run's checkpoint (a run directory or a step-N directory): its weights,
     # and its optimizer moments if init_optimizer; step, schedule and data start afresh. The model may
     # differ in max_seq_len and rope_theta only (context extension).
@@ -139,6 +165,7 @@ class TrainConfig:
         if self.rampup_start and not (0 < self.rampup_increment and 0 < self.rampup_steps < self.max_steps):
             raise ValueError("batch ramp-up needs rampup_increment > 0 and 0 < rampup_steps < max_steps")
         check_spot_options(self)
+        check_guard_options(self)
 
 
 def check_optimizer(cfg):
@@ -234,6 +261,7 @@ class SFTConfig(TrainConfig):
             raise ValueError("keep_checkpoints must be >= 2: the newest checkpoint may be mid-write when a machine dies")
         check_optimizer(self)
         check_spot_options(self)
+        check_guard_options(self)
 
 
 SFT_PRESETS = {

@@ -127,7 +127,7 @@ def step_clock(monkeypatch):
             return self.now
 
     clock = StepClock()
-    real_step = loop.train_step
+    real_step = loop.forward_backward
 
     def timed_step(*args, **kwargs):
         clock.steps += 1
@@ -136,7 +136,7 @@ def step_clock(monkeypatch):
 
     monkeypatch.setattr(loop, "clock", clock)
     monkeypatch.setattr(budget, "clock", clock)
-    monkeypatch.setattr(loop, "train_step", timed_step)
+    monkeypatch.setattr(loop, "forward_backward", timed_step)
     return clock
 
 

@@ -12,8 +12,9 @@ mirror (rodin/spot/mirror.py) and the webhook (rodin/spot/notify.py), both held 
 from rodin.spot.mirror import Mirror
 from rodin.spot.notify import Notifier
 from rodin.train import checkpoint, distributed
+from rodin.train.guard import diverged_before, mark_diverged
 
-STOP_EVENTS = {"budget": "budget", "stop_at_step": "paused"}  # any other reason of run_steps is a signal
+STOP_EVENTS = {"budget": "budget", "stop_at_step": "paused", "diverged": "diverged"}  # any other reason: a signal
 
 
 class Lifeline:
@@ -34,10 +35,13 @@ class Lifeline:
 
     def restore(self):
         """With no checkpoint on this disk (the last machine took it along), fetch the newest
-        complete one from the mirror. Every rank waits for it; returns a message or None."""
+        complete one from the mirror, and the run's record (metrics.jsonl, samples.md, loss.png)
+        it carries. Every rank waits for it; returns a message or None."""
         restored = None
         if self.mirror is not None and checkpoint.latest(self.run_dir) is None:
             restored = self.mirror.restore_latest(self.run_dir)
+            if restored:
+                checkpoint.restore_record(restored, self.run_dir)  # the curve too, not only the weights
         distributed.barrier()
         return f"restored {restored} from the mirror {self.mirror_url}" if restored else None
 
@@ -49,16 +53,27 @@ class Lifeline:
         if self.mirror is not None:
             self.mirror.submit(path, on_done=lambda remote: self.notifier.send("mirrored", step=step, url=remote))
 
-    def stopped(self, reason, step, steps_left, budget, outcome="checkpoint written"):
+    def diverged_before(self, config):
+        """The line of an earlier launch with these very options that diverged (train no step, say
+        it, exit DIVERGED), or None."""
+        return distributed.from_rank_0(diverged_before(self.run_dir, config) if distributed.is_main() else None)
+
+    def stopped(self, reason, step, steps_left, budget, outcome="checkpoint written", guard=None, config=None):
         """Say (on rank 0) why the run stops at `step` before its end, run_steps' reason, and send the
-        event: budget, paused or preempted, with the money figures of the Budget."""
+        event: budget, paused, diverged (marked in the run directory, with the run's config) or
+        preempted, with the money figures of the Budget."""
         if reason == "budget":
             line = budget.stop_line(step, steps_left, outcome)
+        elif reason == "diverged":
+            line = guard.advice(step)
+            if distributed.is_main():
+                mark_diverged(self.run_dir, step, line, config)
         else:
             line = f"{reason}: {outcome} at step {step}; relaunch the same command to resume"
         if distributed.is_main():
             print(line)
-        self.notifier.send(STOP_EVENTS.get(reason, "preempted"), step=step, reason=reason, **budget.figures(steps_left))
+        extra = {"rollbacks": len(guard.rollbacks), "skipped_steps": guard.skipped} if reason == "diverged" else {}
+        self.notifier.send(STOP_EVENTS.get(reason, "preempted"), step=step, reason=reason, **extra, **budget.figures(steps_left))
 
     def wait_for_uploads(self):
         if self.mirror is not None:

@@ -6,18 +6,22 @@ backoff, until it is complete — and give up when it keeps failing at the same 
 torchrun's --max-restarts restarts workers inside one launch; this supervisor restarts the launch
 itself. A run is complete when its newest checkpoint has reached the config's max_steps. A run
 whose newest checkpoint records that it has spent its --max_cost (rodin/train/budget.py) is not relaunched:
-only a higher cap, given by a person, continues it. A launch that ends without the checkpoint step
+only a higher cap, given by a person, continues it; nor is a run the guard stopped as diverged
+(rodin/train/guard.py): only other options continue it. A launch that ends without the checkpoint step
 advancing counts as a failure; max_failures of those in a row (a NaN loss, a bad node, a full disk)
 stop the loop instead of burning money.
 """
 
 import argparse
+import json
+import os
 import signal
 import subprocess
 import sys
 import time
 
 from rodin.train import budget, checkpoint
+from rodin.train.guard import DIVERGED, MARKER
 
 
 def run_progress(run_dir):
@@ -36,9 +40,18 @@ def spent_budget(run_dir):
     return record if budget.reached(record) else None
 
 
+def diverged_line(run_dir):
+    """The guard's line if the run stopped as diverged (rodin/train/guard.py), else None."""
+    path = os.path.join(run_dir, MARKER)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["line"]
+
+
 def supervise(command, run_dir, max_failures=3, backoff_s=10.0, max_backoff_s=600.0, log=print):
-    """Run `command` until the run completes or has spent its budget; returns 0, or 1 after
-    max_failures launches in a row that made no progress."""
+    """Run `command` until the run completes or has spent its budget; returns 0, DIVERGED when the
+    guard stopped it, or 1 after max_failures launches in a row that made no progress."""
     failures, launches = 0, 0
     child = None
 
@@ -59,6 +72,10 @@ def supervise(command, run_dir, max_failures=3, backoff_s=10.0, max_backoff_s=60
             if code == 0 and max_steps is not None and step_after >= max_steps:
                 log(f"supervise: run complete at step {step_after} after {launches} launch(es)")
                 return 0
+            diverged = diverged_line(run_dir)
+            if diverged is not None:  # the same command would diverge again: a person changes the options
+                log(f"supervise: the run diverged (exit code {code}); not relaunching. {diverged}")
+                return DIVERGED
             spent = spent_budget(run_dir)
             if spent is not None:  # relaunching would train nothing: only a higher cap continues
                 log(f"supervise: the run spent its budget ({spent['cost']:.2f} of --max_cost={spent['max_cost']:g}) at "

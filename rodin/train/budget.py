@@ -39,21 +39,26 @@ class Budget:
     def __init__(self, price_per_hour, max_cost, world_size):
         self.price, self.max_cost, self.world = price_per_hour, max_cost, world_size
         self.started = clock()
-        self.hours_before, self.cost_before = 0.0, 0.0
+        self.hours_before, self.cost_before, self.seconds_before = 0.0, 0.0, 0.0
         self.seconds_per_step, self._measured = None, None
 
     def load_state_dict(self, record):
         """Continue from a checkpoint's record. A cap that does not exceed what is already spent is
         refused, unless it is the cap the run stopped at: the run then trains no step (exhausted)."""
         self.hours_before, self.cost_before = record.get("gpu_hours", 0.0), record.get("cost", 0.0)
+        self.seconds_before = record.get("seconds", 0.0)
         self.seconds_per_step = record.get("seconds_per_step")
         if self.max_cost and self.cost_before >= self.max_cost and self.max_cost != record.get("max_cost"):
             raise ValueError(f"--max_cost={self.max_cost:g} does not exceed the {self.cost_before:.2f} this run has "
                              "already spent (its newest checkpoint); raise it to continue")
 
     def state_dict(self):
-        return {"gpu_hours": self.hours(), "cost": self.spent(), "price_per_hour": self.price,
+        return {"gpu_hours": self.hours(), "seconds": self.seconds(), "cost": self.spent(), "price_per_hour": self.price,
                 "max_cost": self.max_cost, "seconds_per_step": self.seconds_per_step}
+
+    def seconds(self):
+        """Wall-clock seconds over all launches so far (whatever the number of GPUs of each)."""
+        return self.seconds_before + (clock() - self.started)
 
     def hours(self):
         """GPU-hours over all launches so far."""

@@ -107,6 +107,7 @@ def save(run_dir, step, model, optimizer, meta, keep, keep_every=0):
     save_file(model_tensors(model), os.path.join(tmp, "model.safetensors"))
     save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
     save_file(rng_tensors(), os.path.join(tmp, "rng.safetensors"))
+    copy_record(run_dir, tmp)
     with open(os.path.join(tmp, "trainer.json"), "w") as f:
         json.dump(dict(meta, step=step, optimizer_param_groups=param_groups), f, indent=2)
     files = sorted(os.listdir(tmp))
@@ -114,6 +115,26 @@ def save(run_dir, step, model, optimizer, meta, keep, keep_every=0):
         fsync_file(os.path.join(tmp, name))
     commit(run_dir, tmp, final, step, files, keep, keep_every)
     return final
+
+
+RECORD = ("metrics.jsonl", "samples.md", "loss.png")  # the run's record, copied into each checkpoint as record-NAME
+
+
+def copy_record(run_dir, tmp):
+    """The run's record into a checkpoint being written: it travels with the checkpoint (to the
+    mirror), so a fresh machine restores the curve, not only the weights."""
+    for name in RECORD:
+        if os.path.exists(os.path.join(run_dir, name)):
+            shutil.copyfile(os.path.join(run_dir, name), os.path.join(tmp, "record-" + name))
+
+
+def restore_record(path, run_dir):
+    """A checkpoint's copy of the record back into a run directory that has none (a fresh machine)."""
+    if os.path.exists(os.path.join(run_dir, RECORD[0])):
+        return
+    for name in RECORD:
+        if os.path.exists(os.path.join(path, "record-" + name)):
+            shutil.copyfile(os.path.join(path, "record-" + name), os.path.join(run_dir, name))
 
 
 def commit(run_dir, tmp, final, step, files, keep, keep_every=0):
@@ -155,6 +176,7 @@ def save_sharded(run_dir, step, model, optimizer, meta, keep, keep_every=0):
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     save_file(rng_tensors(), os.path.join(tmp, f"rng-rank{rank}.safetensors"))
     if rank == 0:
+        copy_record(run_dir, tmp)
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
             json.dump(dict(meta, step=step, world_size=dist.get_world_size(), format="dcp"), f, indent=2)
     dist.barrier()  # every rank's files are on disk

@@ -134,6 +134,15 @@ def shard(model, device):
     return model
 
 
+def from_rank_0(value):
+    """Rank 0's value of a small Python object, on every rank (the same decision everywhere)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def sum_over_ranks(values, device):
     """Element-wise sums over ranks of a list of Python numbers (float64: token counts stay exact)."""
     if not dist.is_initialized():

@@ -7,14 +7,16 @@ agreed in the step's one all-reduce: a signal counts on any rank, the clock and 
 """
 
 import math
+import os
 import signal
 import time
 
 import torch
 from tqdm import tqdm
 
-from rodin.train import distributed
+from rodin.train import checkpoint, distributed
 from rodin.train.device import peak_memory_gib
+from rodin.train.guard import finite_weights
 from rodin.train.optim import lr_at, set_lr
 
 clock = time.monotonic  # when a checkpoint falls due by the clock (rank 0's); the tests replace it
@@ -32,9 +34,10 @@ def to_device(batch, device, loss_fn=None):
     return inputs, targets, kwargs
 
 
-def train_step(model, optimizer, next_batch, grad_accum_steps, grad_clip, device, autocast, loss_fn=None):
-    """Forward/backward grad_accum_steps micro-batches, clip, step. Returns (mean loss, grad norm)
-    as tensors on the device: reading one waits for the GPU, so the loop reads them only to log."""
+def forward_backward(model, next_batch, grad_accum_steps, grad_clip, device, autocast, loss_fn=None, norm=False):
+    """Forward/backward grad_accum_steps micro-batches and clip. Returns (mean loss, gradient norm)
+    as tensors on the device (reading one waits for the GPU); the norm is 0 without clipping unless
+    `norm` asks for it (the guard does)."""
     total = torch.zeros((), device=device)
     for _ in range(grad_accum_steps):
         inputs, targets, kwargs = to_device(next_batch(), device, loss_fn)
@@ -42,12 +45,24 @@ def train_step(model, optimizer, next_batch, grad_accum_steps, grad_clip, device
             _, loss = model(inputs, targets, **kwargs)
         (loss / grad_accum_steps).backward()
         total += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(0.0)
+    if grad_clip > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    elif norm:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]  # none when stepped in backward
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
+    else:
+        grad_norm = torch.tensor(0.0)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()  # FSDP2: a DTensor of per-shard partial norms
+    return total / grad_accum_steps, grad_norm
+
+
+def train_step(model, optimizer, next_batch, grad_accum_steps, grad_clip, device, autocast, loss_fn=None):
+    """forward_backward, then the optimizer's step: (mean loss, grad norm), tensors on the device."""
+    loss, grad_norm = forward_backward(model, next_batch, grad_accum_steps, grad_clip, device, autocast, loss_fn)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total / grad_accum_steps, grad_norm
+    return loss, grad_norm
 
 
 # Only training steps run through compiled blocks. Held-out evaluation (no grad) and sampling (KV
@@ -129,19 +144,22 @@ def run_steps(cfg, state, **parts):
 
 
 def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_fn, run_eval, save_checkpoint, log,
-          sequences_at, tokens_in, budget, flops_per_token=None, peak=None, sample=None):
+          sequences_at, tokens_in, budget, flops_per_token=None, peak=None, sample=None, notify=None):
     """The step loop that pretraining and SFT share: schedule, step, log, evaluate, checkpoint (every
     cfg.ckpt_every steps, every cfg.ckpt_every_minutes, at milestones), and stop at the same step on
     every rank when a signal arrives or the budget (a rodin.train.budget.Budget) is spent.
 
-    state: a dict with "step" and "tokens_seen", advanced in place (save_checkpoint reads it).
+    state: a dict with "step", "tokens_seen" and "guard" (a rodin.train.guard.Guard, or None),
+    advanced in place (save_checkpoint reads it).
     sequences_at(step): sequences per step over all ranks (a batch ramp-up changes it).
     tokens_in(batch): the tokens this rank's micro-batch counts for (summed over ranks each step).
     run_eval(): {"val_loss": …, …}. log: a RunLog, or None on ranks other than 0.
-    sample(step): called every cfg.sample_every steps. Returns (last loss, stop reason or None); the
-    reason "budget" when the cap stopped the run."""
+    sample(step): called every cfg.sample_every steps. notify(event, **fields): the webhook.
+    Returns (last loss, stop reason or None); the reason "budget" when the cap stopped the run,
+    "diverged" when the guard did."""
     world = distributed.world_size()
     per_micro_step = cfg.micro_batch_size * world
+    guard = state.get("guard")
 
     step_tokens = [0]  # this rank's, in the current step
 
@@ -150,7 +168,7 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
         step_tokens[0] += tokens_in(batch)
         return batch
 
-    stopping = signalled = over_budget = False
+    stopping = signalled = over_budget = diverged = False
     decides = distributed.rank() == 0  # the clock and the money are rank 0's
     if state["step"] == 0:
         record = {"step": 0, **run_eval(), "tokens_seen": 0}
@@ -162,34 +180,62 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
     loss = float("nan")  # a relaunch of a finished run trains no step
     last_time, last_step, last_tokens = time.time(), state["step"], state["tokens_seen"]
     last_checkpoint = clock()
+    saved_step = state["step"] if state["step"] > 0 else None  # a resumed run's step has its checkpoint
     budget.measure(state["step"])
     end = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
     while state["step"] < end and not stopping:
         step = state["step"]
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule, cfg.decay_steps)
+        lr *= guard.lr_factor(step) if guard else 1.0
         set_lr(optimizer, lr)
         sequences = sequences_at(step)
         step_tokens[0] = 0
-        step_loss, grad_norm = train_step(model, optimizer, counted_batch, sequences // per_micro_step, cfg.grad_clip,
-                                          device, amp, loss_fn)
-        # one all-reduce a step: every rank's tokens, whether any rank got a stop signal, and rank 0's
-        # verdicts: a checkpoint is due by the clock, the budget is spent
+        step_loss, grad_norm = forward_backward(model, counted_batch, sequences // per_micro_step, cfg.grad_clip, device,
+                                                amp, loss_fn, norm=guard is not None)
+        bad, this_loss = 0.0, 0.0
+        if guard is not None:  # reading them waits for the step: the guard's one cost
+            bad = float(not bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm)))
+            this_loss = 0.0 if bad else float(step_loss)
+        # one all-reduce a step: every rank's tokens, whether any rank got a stop signal or a
+        # non-finite step, the loss, and rank 0's verdicts: a checkpoint is due by the clock, the budget is spent
         due = decides and 0 < cfg.ckpt_every_minutes <= (clock() - last_checkpoint) / 60
-        tokens, stop_votes, due_votes, budget_votes = distributed.sum_over_ranks(
-            [step_tokens[0], float(bool(stop)), float(due), float(decides and budget.exhausted())], device)
+        tokens, stop_votes, due_votes, budget_votes, bad_votes, loss_sum = distributed.sum_over_ranks(
+            [step_tokens[0], float(bool(stop)), float(due), float(decides and budget.exhausted()), bad, this_loss], device)
+        verdict = guard.judge(step + 1, loss_sum / world, bad_votes == 0) if guard else "ok"
+        if verdict == "skip" and cfg.optimizer_in_backward:
+            verdict = "rollback"  # its update was applied during backward: only a rollback undoes it
+        if verdict == "ok":
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         state["tokens_seen"] += int(tokens)
         step = state["step"] = step + 1
         signalled, over_budget = stop_votes > 0, budget_votes > 0
         stopping = signalled or over_budget  # so every rank stops at the same step
         bar.update(1)
+        if verdict == "rollback":
+            record = roll_back(cfg, state, model, optimizer, device, sequences_at, log, loss_sum / world if bad_votes == 0 else None)
+            if record is not None and notify is not None:
+                notify("rollback", **record)
+            if record is None or guard.diverged():
+                stopping = diverged = True
+            else:
+                saved_step = state["step"]  # the step of the checkpoint it went back to
+                bar.n = state["step"]
+                bar.refresh()
+            continue
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             loss = distributed.mean_over_ranks(float(step_loss), device)
             elapsed = time.time() - last_time
             tokens_per_s = (state["tokens_seen"] - last_tokens) / elapsed
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "batch_size": sequences,
                       "tokens_per_s": tokens_per_s, "tokens_seen": state["tokens_seen"],
-                      "eta_s": (cfg.max_steps - step) * elapsed / (step - last_step),
-                      "peak_mem_gib": peak_memory_gib(device)}
+                      "eta_s": (cfg.max_steps - step) * elapsed / max(step - last_step, 1),
+                      "peak_mem_gib": peak_memory_gib(device), "time": time.time(), "elapsed_s": budget.seconds()}
+            if guard is not None:
+                record["skipped_steps"] = guard.skipped
+                if verdict == "skip":  # its loss was not finite: recorded as skipped, not as a number
+                    record["skipped"] = True
+                    del record["loss"]
             if peak and flops_per_token:
                 record["mfu"] = tokens_per_s * flops_per_token / (peak * world)
             budget.measure(step)
@@ -199,12 +245,13 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
             if log is not None:
                 log.log(record)
                 eta_min = int(record["eta_s"] // 60)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", mem=f"{record['peak_mem_gib']:.1f}G",
+                bar.set_postfix(loss=f"{record.get('loss', math.nan):.3f}", tok_s=f"{tokens_per_s:,.0f}", mem=f"{record['peak_mem_gib']:.1f}G",
                                 **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}),
                                 eta=f"{eta_min // 60}h{eta_min % 60:02d}",
                                 **({"spent": f"{record['cost']:.2f}"} if "cost" in record else {}),
                                 **({"to_finish": f"{record['cost_to_finish']:.2f}"} if "cost_to_finish" in record else {}),
-                                **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                                **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}),
+                                **({"skipped": guard.skipped} if guard is not None and guard.skipped else {}))
                 if "val_loss" in record:
                     log.plot()
             last_time, last_step, last_tokens = time.time(), step, state["tokens_seen"]
@@ -212,11 +259,53 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
             sample(step)
         milestone = cfg.keep_every and step % cfg.keep_every == 0
         if step % cfg.ckpt_every == 0 or milestone or due_votes > 0 or step == end or stopping:
-            save_checkpoint()
+            if guard is not None and not guard.may_checkpoint():
+                continue  # during a spike: the checkpoint to roll back to must predate it
+            if guard is not None and distributed.sum_over_ranks([float(not finite_weights(model))], device)[0] > 0:
+                record = roll_back(cfg, state, model, optimizer, device, sequences_at, log, None, trouble=step)  # weights gone non-finite: never written, rolled back
+                if record is not None and notify is not None:
+                    notify("rollback", **record)
+                if record is None or guard.diverged():
+                    stopping = diverged = True
+                else:
+                    saved_step = state["step"]
+                continue
+            if state["step"] != saved_step:
+                save_checkpoint()
+                saved_step = state["step"]
             last_checkpoint = clock()
     bar.close()
+    if diverged:
+        return loss, "diverged"
     if over_budget and state["step"] < cfg.max_steps:
         return loss, "budget"
     if signalled or state["step"] < cfg.max_steps:
         return loss, stop.signal or ("stop on another rank" if signalled else "stop_at_step")
     return loss, None
+
+
+def roll_back(cfg, state, model, optimizer, device, sequences_at, log, loss, trouble=None):
+    """Back to the newest checkpoint that predates the guard's trouble (rank 0 picks it): weights,
+    optimizer state, RNG, step and tokens seen come back, the data cursor does not, so the batches
+    trained on since then are skipped. loss: the spike's, None when the trouble was not finite.
+    Returns the guard's record of it, or None when no checkpoint predates the trouble."""
+    guard = state["guard"]
+    trouble = trouble or guard.trouble_since or state["step"]
+    guard.trouble_since = guard.trouble_since or trouble
+    run_dir = os.path.join(cfg.out_dir, cfg.name)
+    before = [s for s in map(checkpoint.step_of, checkpoint.complete_checkpoints(run_dir)) if s < trouble]
+    target = distributed.from_rank_0(before[-1] if before else None)  # rank 0's disk decides, for all
+    if target is None:
+        return None
+    path = os.path.join(checkpoint.checkpoint_root(run_dir), f"step-{target:07d}")
+    meta = checkpoint.load(path, model, optimizer)  # the data cursor stays where it is
+    skipped = sum(sequences_at(s) for s in range(target, state["step"]))
+    record = guard.rolled_back(state["step"], target, meta.get("guard"), loss, skipped)
+    state["step"], state["tokens_seen"] = target, meta["tokens_seen"]
+    if log is not None:
+        log.rewind(target)
+        log.log({"step": target, "rollback": record, "time": time.time()})
+        what = f"loss {loss:.3g}" if loss is not None else "steps that were not finite"
+        print(f"guard: {what} at step {record['from_step']}: rolled back to step {target}, "
+              f"{skipped} sequences skipped, lr x {cfg.rollback_lr_factor:g} until step {record['from_step']}")
+    return record

@@ -44,6 +44,11 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(record, step=record["step"])
 
+    def rewind(self, step):
+        """Forget the records past `step` (a rollback went back there), as a resume from it would."""
+        self.records = [r for r in self.records if r["step"] <= step]
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.records))
+
     def write_samples(self, step, samples):
         path = os.path.join(self.run_dir, "samples.md")
         with open(path, "a") as f:

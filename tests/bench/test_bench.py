@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from bench import checkpoint_save, cost, data_loader, memory_estimate, recipe, train_throughput
+from bench import checkpoint_save, cost, data_loader, guard_cost, memory_estimate, recipe, train_throughput
 from bench.results import HEADER
 from rodin.config import MODELS, PRESETS
 from rodin.model import LLaMA
@@ -27,6 +27,7 @@ def rows(path):
     (train_throughput, "train_throughput", ("rodin_tok_s", "transformers_tok_s", "ratio")),
     (checkpoint_save, "checkpoint_save", ("save_s", "size_mb", "blocked_steps")),
     (data_loader, "data_loader", ("step_ms", "load_share")),
+    (guard_cost, "guard_cost", ("step_ms", "guard_ms", "guard_share")),
     (cost, "cost", ("gpu_hours", "cost_eur")),
     (memory_estimate, "memory_estimate", ("params_gib", "activations_gib", "peak_gib")),
     (recipe, "recipe", ("target_bpb", "adamw_fp32_final_bpb", "adamw_auto_final_bpb", "muon_auto_final_bpb")),

@@ -1,5 +1,6 @@
 """rodin/spot/mirror.py: a durable checkpoint mirror; only complete, verified checkpoints come back."""
 
+import json
 import os
 
 import pytest
@@ -117,6 +118,16 @@ def test_a_run_killed_and_its_disk_lost_resumes_from_the_mirror_bit_identically(
     a, b = (load_file(os.path.join(p, "model.safetensors")) for p in (straight, resumed))
     assert all(a[k].equal(b[k]) for k in a)
     assert Mirror(f"file://{remote}").complete()[-1] == "step-0000300"
+
+    # the record came back with the weights: the whole curve, each row with its wall-clock time
+    def curve(out_dir):
+        with open(out_dir / "run" / "metrics.jsonl") as f:
+            rows = [json.loads(line) for line in f]
+        assert all("time" in r and "elapsed_s" in r for r in rows if "loss" in r)
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+
+    assert curve(tmp_path / "spot") == curve(tmp_path / "straight")
+    assert (tmp_path / "spot" / "run" / "loss.png").exists()
 
 
 def test_training_reports_its_events_to_a_webhook_and_ignores_a_dead_one(demo_data, tmp_path, webhook):

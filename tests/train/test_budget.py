@@ -23,7 +23,7 @@ def test_the_cap_stops_a_run_a_relaunch_at_the_same_cap_trains_nothing_and_a_hig
     capped = run_train(demo_data, tmp_path / "b", *priced, "--max_cost=6", f"--notify={url}")
     # 1.5 a step: the 4th step reaches the cap; the checkpoint carries what was spent
     assert checkpoint.read_meta(checkpoint.latest(capped))["budget"] == {
-        "gpu_hours": 4.0, "cost": 6.0, "price_per_hour": 1.5, "max_cost": 6.0, "seconds_per_step": 3600.0}
+        "gpu_hours": 4.0, "seconds": 14400.0, "cost": 6.0, "price_per_hour": 1.5, "max_cost": 6.0, "seconds_per_step": 3600.0}
     assert ("budget: 6.00 spent of --max_cost=6 (4.00 GPU-hours) at step 4; checkpoint written. To continue, relaunch "
             "with a higher --max_cost: about 9.00 more finishes the run at the current speed (--max_cost=15)") in capsys.readouterr().out
     assert [e["event"] for e in events] == ["start", "checkpoint", "budget"]
