@@ -13,7 +13,8 @@ Frozen decisions:
   24 GiB cap, two micro-batches a step so gradients accumulate as in the real run: tokens/s, MFU,
   peak); `memory` (rodin/train/preflight.py's closed form and bench/memory_estimate.py's fake-tensor
   estimate against torch.cuda.max_memory_allocated, eager, 3090 and b200 presets); `optimizers`
-  (Muon's step against AdamW's on rodin-1b, compiled); `tests` (pytest -m gpu); `throughput` (as
+  (Muon's step against AdamW's on rodin-1b, compiled); `guard` (the guard's share of a gpu-demo
+  step, bench/guard_cost.py); `tests` (pytest -m gpu); `throughput` (as
   the first, both eager); `fsdp` (train.py --preset=b200 under torchrun over every GPU: NCCL, bf16,
   FSDP2; 2 GPUs or more). What the budget leaves out, a second call runs with --only.
 - Imports only what a GPU machine's own python3 is likely to have (torch, transformers,
@@ -55,6 +56,7 @@ ITEMS = {
     "preset_3090": (150, "train.py --preset=3090 under a 24 GiB cap"),
     "memory": (150, "memory estimates against the allocator"),
     "optimizers": (120, "Muon's step against AdamW's, rodin-1b compiled"),
+    "guard": (60, "the guard's share of a gpu-demo step"),
     "tests": (180, "pytest -m gpu"),
     "throughput": (120, "rodin-1b vs transformers, eager"),
     "fsdp": (180, "train.py --preset=b200 under torchrun, NCCL"),
@@ -228,6 +230,13 @@ def item_optimizers(args, data):
     return figures
 
 
+def item_guard(args, data):
+    from bench import guard_cost
+
+    argv = ["--quick", "--device=cpu"] if args.quick else ["--preset=gpu-demo"]
+    guard_cost.main(argv + [f"--results={args.results}"])
+
+
 def item_fsdp(args, data):
     import torch
 
@@ -251,7 +260,7 @@ def run_item(args, data):
     name = args.item
     functions = {"tests": item_tests, "throughput": item_throughput,
                  "throughput_compiled": lambda a, d: item_throughput(a, d, compiled=True),
-                 "preset_3090": item_preset_3090, "memory": item_memory, "optimizers": item_optimizers,
+                 "preset_3090": item_preset_3090, "memory": item_memory, "optimizers": item_optimizers, "guard": item_guard,
                  "fsdp": item_fsdp}
     figures = functions[name](args, data)
     if figures:
