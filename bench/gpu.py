@@ -15,7 +15,8 @@ Frozen decisions:
   estimate against torch.cuda.max_memory_allocated, eager, 3090 and b200 presets); `optimizers`
   (Muon's step against AdamW's on rodin-1b, compiled); `guard` (the guard's share of a gpu-demo
   step, bench/guard_cost.py); `tests` (pytest -m gpu); `throughput` (as
-  the first, both eager); `fsdp` (train.py --preset=b200 under torchrun over every GPU: NCCL, bf16,
+  the first, both eager); `throughput_whole` (ours compiled whole, as on a CPU, to choose CUDA's
+  scope by measurement); `fsdp` (train.py --preset=b200 under torchrun over every GPU: NCCL, bf16,
   FSDP2; 2 GPUs or more). What the budget leaves out, a second call runs with --only.
 - Imports only what a GPU machine's own python3 is likely to have (torch, transformers,
   sentencepiece, safetensors, numpy, tqdm, matplotlib, pytest): no wandb, datasets, gguf, ftfy,
@@ -59,6 +60,7 @@ ITEMS = {
     "guard": (60, "the guard's share of a gpu-demo step"),
     "tests": (180, "pytest -m gpu"),
     "throughput": (120, "rodin-1b vs transformers, eager"),
+    "throughput_whole": (200, "rodin-1b compiled whole vs transformers compiled"),
     "fsdp": (180, "train.py --preset=b200 under torchrun, NCCL"),
 }
 
@@ -110,11 +112,11 @@ def item_tests(args, data):
     return {"files": len(files), **counts, "failed_tests": ",".join(f.split("::")[-1] for f in failed) or "none"}
 
 
-def item_throughput(args, data, compiled=False):
+def item_throughput(args, data, compiled=False, scope="auto"):
     from bench import train_throughput
 
     argv = ["--quick", "--device=cpu"] if args.quick else ["--batch=8", "--repeats=3", "--steps=5"]
-    train_throughput.main(argv + (["--compile=both"] if compiled else []) + [f"--results={args.results}"])
+    train_throughput.main(argv + (["--compile=both", f"--scope={scope}"] if compiled else []) + [f"--results={args.results}"])
 
 
 def item_preset_3090(args, data):
@@ -260,6 +262,7 @@ def run_item(args, data):
     name = args.item
     functions = {"tests": item_tests, "throughput": item_throughput,
                  "throughput_compiled": lambda a, d: item_throughput(a, d, compiled=True),
+                 "throughput_whole": lambda a, d: item_throughput(a, d, compiled=True, scope="whole"),
                  "preset_3090": item_preset_3090, "memory": item_memory, "optimizers": item_optimizers, "guard": item_guard,
                  "fsdp": item_fsdp}
     figures = functions[name](args, data)

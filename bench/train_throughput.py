@@ -2,7 +2,8 @@
 
     python bench/train_throughput.py                        # CPU: `demo` model; GPU: rodin-1b, context 2048, bf16
     python bench/train_throughput.py --memory_cap_gib=24    # GPU: as if the card had 24 GiB (RTX 3090)
-    python bench/train_throughput.py --compile=both         # torch.compile both, ours per block as train.py (rodin: ours only)
+    python bench/train_throughput.py --compile=both         # both compiled, ours as train.py compiles it (rodin: ours only)
+    python bench/train_throughput.py --compile=both --scope=blocks   # ours compiled block by block (FSDP's way)
     python bench/train_throughput.py --clock=cpu --threads=1 --profile   # CPU: where the step goes, the ratio's ceiling
 
 Frozen decisions:
@@ -27,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -38,6 +40,7 @@ from bench.results import report  # noqa: E402
 from rodin.config import MODELS  # noqa: E402
 from rodin.train.device import autocast, measured_matmul_flops, peak_flops, pick_device, resolve_dtype  # noqa: E402
 from rodin.ship.hf import hf_config  # noqa: E402
+from rodin.train.distributed import compile_scope  # noqa: E402
 from rodin.train.loop import train_step  # noqa: E402
 from rodin.model import LLaMA  # noqa: E402
 from rodin.train.optim import make_optimizer  # noqa: E402
@@ -58,15 +61,17 @@ class HFCausalLM(nn.Module):
         return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def build(name, cfg, device, attn_implementation, compile_model):
+def build(name, cfg, device, attn_implementation, compile_model, scope="auto"):
+    """A contender and its AdamW; compiled, ours as train.py compiles it on one process (scope:
+    rodin.train.distributed.compile_scope), transformers' whole."""
     torch.manual_seed(0)
     with torch.device(device):
         model = LLaMA(cfg) if name == "rodin" else HFCausalLM(cfg, attn_implementation)
     model.train()
     optimizer = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95))
-    if compile_model and name == "rodin":
+    if compile_model and name == "rodin" and compile_scope(SimpleNamespace(compile_scope=scope), device, 1) == "blocks":
         for block in model.layers:
-            block.compile()  # as train.py compiles it (rodin.train.distributed.build_model)
+            block.compile()
         return model, optimizer
     return (torch.compile(model) if compile_model else model), optimizer
 
@@ -87,7 +92,7 @@ class Contender:
 
     def setup(self):
         compile_model = self.args.compile == "both" or (self.args.compile == "rodin" and self.name == "rodin")
-        self.model, self.optimizer = build(self.name, self.cfg, self.device, self.args.attn, compile_model)
+        self.model, self.optimizer = build(self.name, self.cfg, self.device, self.args.attn, compile_model, self.args.scope)
         self.run(self.args.warmup)
 
     def teardown(self):
@@ -148,6 +153,8 @@ def parse_args(argv):
     parser.add_argument("--attn", default="sdpa", help="transformers' attn_implementation")
     parser.add_argument("--compile", default="none", choices=("none", "both", "rodin"),
                         help="torch.compile both models, or ours alone (as train.py would run it against stock transformers)")
+    parser.add_argument("--scope", default="auto", choices=("auto", "blocks", "whole"),
+                        help="how ours is compiled (train.py's --compile_scope): auto is whole on a CPU, blocks on CUDA")
     parser.add_argument("--memory_cap_gib", type=float, default=0, help="GPU: cap this process's memory")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="cpu: CPU seconds of this process (CPU only)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
@@ -203,6 +210,8 @@ def main(argv=None):
     figures = {"model": args.model, "seq_len": args.seq_len, "batch": args.batch,
                "dtype": resolve_dtype(device, args.dtype),
                "compile": args.compile, "repeats": args.repeats}
+    if args.compile != "none":
+        figures["scope"] = compile_scope(SimpleNamespace(compile_scope=args.scope), device, 1)
     if device.type == "cpu":
         figures.update(threads=torch.get_num_threads(), clock=args.clock)
     if args.memory_cap_gib and device.type == "cuda":

@@ -112,7 +112,8 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full (every block) | half (every other block) | ops (recompute all but matmuls and attention)
     optimizer_in_backward: bool = False  # step each parameter as its gradient completes, then free it; needs grad_accum_steps=1, grad_clip=0
     loss_chunk: int = 0  # > 0: cross-entropy over this many positions at a time; full fp32 logits never exist
-    compile: str = "auto"  # auto: on CUDA, and on a CPU for runs of 500 steps or more (distributed.compiles) | on | off: torch.compile each block
+    compile: str = "auto"  # auto: on CUDA, and on a CPU for runs of 500 steps or more (distributed.compiles) | on | off
+    compile_scope: str = "auto"  # blocks (each block its graph) | whole (the model with its head and loss) | auto: whole on one CPU process, else blocks (distributed.compile_scope)
     check_memory: bool = True  # on CUDA, refuse before the first step a run whose estimated peak exceeds the card (rodin/train/preflight.py)
     # run directory, evaluation, checkpoints
     out_dir: str = "runs"
@@ -156,6 +157,8 @@ class TrainConfig:
             raise ValueError(f"--dtype={self.dtype}: choose auto, fp32 or bf16")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile={self.compile!r}: choose auto, on or off")
+        if self.compile_scope not in ("auto", "blocks", "whole"):
+            raise ValueError(f"--compile_scope={self.compile_scope!r}: choose auto, blocks or whole")
         if self.micro_batch_size < 0 or self.global_batch < 0 or not 0 <= self.memory_margin < 1:
             raise ValueError("--micro_batch_size and --global_batch must be positive (or --micro_batch_size=auto), "
                              "--memory_margin in [0, 1)")
