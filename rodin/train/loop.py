@@ -168,6 +168,19 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
         step_tokens[0] += tokens_in(batch)
         return batch
 
+    def go_back(loss, trouble=None):
+        """roll_back, told to the webhook; True when the run must stop as diverged."""
+        nonlocal saved_step
+        record = roll_back(cfg, state, model, optimizer, device, sequences_at, log, loss, trouble)
+        if record is not None and notify is not None:
+            notify("rollback", **record)
+        if record is None or guard.diverged():
+            return True
+        saved_step = state["step"]  # the step of the checkpoint it went back to
+        bar.n = state["step"]
+        bar.refresh()
+        return False
+
     stopping = signalled = over_budget = diverged = False
     decides = distributed.rank() == 0  # the clock and the money are rank 0's
     if state["step"] == 0:
@@ -213,18 +226,12 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
         stopping = signalled or over_budget  # so every rank stops at the same step
         bar.update(1)
         if verdict == "rollback":
-            record = roll_back(cfg, state, model, optimizer, device, sequences_at, log, loss_sum / world if bad_votes == 0 else None)
-            if record is not None and notify is not None:
-                notify("rollback", **record)
-            if record is None or guard.diverged():
+            if go_back(loss_sum / world if bad_votes == 0 else None):
                 stopping = diverged = True
-            else:
-                saved_step = state["step"]  # the step of the checkpoint it went back to
-                bar.n = state["step"]
-                bar.refresh()
             continue
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            loss = distributed.mean_over_ranks(float(step_loss), device)
+            # the guard has the mean over ranks already; without it, one more all-reduce at logged steps
+            loss = loss_sum / world if guard is not None else distributed.mean_over_ranks(float(step_loss), device)
             elapsed = time.time() - last_time
             tokens_per_s = (state["tokens_seen"] - last_tokens) / elapsed
             record = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm), "batch_size": sequences,
@@ -262,13 +269,8 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
             if guard is not None and not guard.may_checkpoint():
                 continue  # during a spike: the checkpoint to roll back to must predate it
             if guard is not None and distributed.sum_over_ranks([float(not finite_weights(model))], device)[0] > 0:
-                record = roll_back(cfg, state, model, optimizer, device, sequences_at, log, None, trouble=step)  # weights gone non-finite: never written, rolled back
-                if record is not None and notify is not None:
-                    notify("rollback", **record)
-                if record is None or guard.diverged():
+                if go_back(None, trouble=step):  # weights gone non-finite: never written, rolled back
                     stopping = diverged = True
-                else:
-                    saved_step = state["step"]
                 continue
             if state["step"] != saved_step:
                 save_checkpoint()

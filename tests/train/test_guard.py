@@ -71,9 +71,10 @@ def test_a_rollback_keeps_its_counters_takes_the_checkpoints_history_and_lowers_
 # ---- in a run ----------------------------------------------------------------------------------
 
 
-def install_poison(positions, how):
-    """Batches drawn at these data positions (epoch, index) are poisoned: `how` is "nan" (loss and
-    gradients not finite) or a factor on both. Returns (the list of poisoned losses, the undo)."""
+def poisoned(positions, how):
+    """TrainBatches.next and loop.forward_backward (wrapping the current ones) such that batches drawn
+    at these data positions (epoch, index) are poisoned: `how` is "nan" (loss and gradients not
+    finite) or a factor on both; and the list of the poisoned losses, in order."""
     hit, calls = [False], []
     real_next, real_step = TrainBatches.next, loop.forward_backward
 
@@ -93,24 +94,13 @@ def install_poison(positions, how):
             return loss * factor, norm * factor
         return loss, norm
 
-    def undo():
-        TrainBatches.next, loop.forward_backward = real_next, real_step
-
-    TrainBatches.next, loop.forward_backward = next_batch, step
-    return calls, undo
+    return next_batch, step, calls
 
 
 def poison(monkeypatch, positions, how):
-    calls, undo = install_poison(positions, how)
-    monkeypatch.setattr(loop, "forward_backward", loop.forward_backward)  # so that monkeypatch.undo() restores both
-    monkeypatch.setattr(TrainBatches, "next", TrainBatches.next)
-    undo_after = monkeypatch.undo
-
-    def undo_all():
-        undo_after()
-        undo()
-
-    monkeypatch.undo = undo_all
+    next_batch, step, calls = poisoned(positions, how)
+    monkeypatch.setattr(TrainBatches, "next", next_batch)
+    monkeypatch.setattr(loop, "forward_backward", step)
     return calls
 
 
@@ -241,10 +231,8 @@ def guarded_rank(rank, port, argv, out_dir):
     of steps 12-14 spike."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    if rank == 1:
-        install_poison({position(7)}, "nan")
-    else:
-        install_poison({position(s) for s in (12, 13, 14)}, 20.0)
+    positions, how = ({position(7)}, "nan") if rank == 1 else ({position(s) for s in (12, 13, 14)}, 20.0)
+    TrainBatches.next, loop.forward_backward, _ = poisoned(positions, how)
     code = train.main(argv)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"code": code}, f)
@@ -262,8 +250,7 @@ def test_under_torchrun_trouble_on_one_rank_is_met_by_all_as_one_process_meets_i
                                  str(tmp_path)), nprocs=2)
     assert [json.loads((tmp_path / f"rank{r}.json").read_text())["code"] for r in range(2)] == [0, 0]
     poison(monkeypatch, {position(7)}, "nan")
-    monkeypatch.setattr(loop, "forward_backward", loop.forward_backward)
-    install_poison({position(s) for s in (12, 13, 14)}, 20.0)
+    poison(monkeypatch, {position(s) for s in (12, 13, 14)}, 20.0)  # on top of the first
     assert train.main([*args, f"--out_dir={tmp_path / 'one'}"]) == 0
     two, one = records(tmp_path / "two"), records(tmp_path / "one")
     assert [r["rollback"]["from_step"] for r in two if "rollback" in r] == [14]
