@@ -6,18 +6,22 @@
     python bench/gpu.py --quick                 # the same items on the CPU, test shapes (for the test suite)
 
 Frozen decisions:
-- Items, most wanted first: `throughput_compiled` (rodin-1b's training step at context 2048,
-  micro-batch 8, bf16, ours compiled per block as train.py does against transformers'
-  LlamaForCausalLM compiled whole, in the same run: tokens/s, MFU against the datasheet and against
-  a bf16 matmul measured on the card, peak memory); `preset_3090` (train.py --preset=3090 under a
-  24 GiB cap, two micro-batches a step so gradients accumulate as in the real run: tokens/s, MFU,
-  peak); `memory` (rodin/train/preflight.py's closed form and bench/memory_estimate.py's fake-tensor
-  estimate against torch.cuda.max_memory_allocated, eager, 3090 and b200 presets); `optimizers`
-  (Muon's step against AdamW's on rodin-1b, compiled); `guard` (the guard's share of a gpu-demo
-  step, bench/guard_cost.py); `tests` (pytest -m gpu); `throughput` (as
-  the first, both eager); `throughput_whole` (ours compiled whole, as on a CPU, to choose CUDA's
-  scope by measurement); `fsdp` (train.py --preset=b200 under torchrun over every GPU: NCCL, bf16,
-  FSDP2; 2 GPUs or more). What the budget leaves out, a second call runs with --only.
+- Items, most wanted first (what no card has measured yet goes first): `memory` (rodin/train/
+  preflight.py's closed form and bench/memory_estimate.py's fake-tensor estimate against
+  torch.cuda.max_memory_allocated, eager, 3090 and b200 presets, with what is live at the
+  allocator's peak, summed by where it was allocated); `tests` (pytest -m gpu, a line per test);
+  `throughput_compiled` (rodin-1b's training step at context 2048, micro-batch 8, bf16, ours
+  compiled as train.py compiles it on one GPU, the whole model, against transformers'
+  LlamaForCausalLM compiled whole, in the same run: tokens/s, MFU against the datasheet and
+  against a bf16 matmul measured on the card, peak memory); `throughput_blocks` (the same, ours
+  compiled block by block as under FSDP2); `preset_3090` (train.py --preset=3090 under a 24 GiB
+  cap, two micro-batches a step so gradients accumulate as in the real run: tokens/s, MFU, peak);
+  `optimizers` (Muon's step against AdamW's on rodin-1b, compiled); `guard` (the guard's share of
+  a gpu-demo step, bench/guard_cost.py); `throughput` (both eager); `fsdp` (train.py
+  --preset=b200 under torchrun over every GPU: NCCL, bf16, FSDP2; 2 GPUs or more). What the
+  budget leaves out, a second call runs with --only.
+- The runs' checkpoints (14 GB at rodin-1b) and the tests' temporary folders go to /dev/shm when it
+  has room: a checkpoint written to the H200 machine's disk took most of a 150 s item.
 - Imports only what a GPU machine's own python3 is likely to have (torch, transformers,
   sentencepiece, safetensors, numpy, tqdm, matplotlib, pytest): no wandb, datasets, gguf, ftfy,
   py3langid, lm_eval or llama_cpp (tests/bench/test_bench_gpu.py runs it with those blocked).
@@ -53,14 +57,14 @@ from bench.results import commit, report  # noqa: E402
 GIB = 2**30
 # name: (seconds it may take on an H100/H200, what it measures); the order is the order they run in
 ITEMS = {
-    "throughput_compiled": (200, "rodin-1b compiled per block vs transformers compiled"),
+    "memory": (150, "memory estimates against the allocator, and what is live at its peak"),
+    "tests": (240, "pytest -m gpu"),
+    "throughput_compiled": (200, "rodin-1b compiled as train.py on one GPU (whole) vs transformers compiled"),
+    "throughput_blocks": (200, "rodin-1b compiled per block (as under FSDP2) vs transformers compiled"),
     "preset_3090": (150, "train.py --preset=3090 under a 24 GiB cap"),
-    "memory": (150, "memory estimates against the allocator"),
     "optimizers": (120, "Muon's step against AdamW's, rodin-1b compiled"),
     "guard": (60, "the guard's share of a gpu-demo step"),
-    "tests": (180, "pytest -m gpu"),
     "throughput": (120, "rodin-1b vs transformers, eager"),
-    "throughput_whole": (200, "rodin-1b compiled whole vs transformers compiled"),
     "fsdp": (180, "train.py --preset=b200 under torchrun, NCCL"),
 }
 
@@ -103,12 +107,21 @@ def item_tests(args, data):
     files = sorted(os.path.relpath(os.path.join(folder, n), ROOT) for folder, _, names in os.walk(os.path.join(ROOT, "tests"))
                    for n in names if n.startswith("test_") and n.endswith(".py"))
     files = [f for f in files if has_gpu_tests(f)]
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files],
-                          cwd=ROOT, capture_output=True, text=True)
-    print(done.stdout[-3000:], done.stderr[-2000:])
-    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    # -v: a line per test as it ends, streamed to the log, so an item that runs out of time still
+    # says which tests passed; the checkpoints the runs write (14 GB at rodin-1b) go to memory
+    command = [sys.executable, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", *files]
+    if data.get("scratch"):
+        command.append(f"--basetemp={os.path.join(data['scratch'], 'pytest')}")
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    lines = []
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        lines.append(line)
+    proc.wait()
+    output = "".join(lines)
+    summary = lines[-1] if lines else ""
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|error|errors|deselected)", summary)}
-    failed = re.findall(r"^FAILED (\S+)", done.stdout, re.M)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
     return {"files": len(files), **counts, "failed_tests": ",".join(f.split("::")[-1] for f in failed) or "none"}
 
 
@@ -174,12 +187,56 @@ def item_memory(args, data):
             continue
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
         assert train.main(options) == 0
         allocated = torch.cuda.max_memory_allocated() / GIB
+        trace = torch.cuda.memory._snapshot()["device_traces"][0]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        peak, sites = live_at_peak(trace)
+        print(f"{preset}: {peak / GIB:.2f} GiB live at the allocator's peak, by where it was allocated:")
+        for size, site in sites:
+            print(f"  {size / GIB:6.2f} GiB  {site}")
         shutil.rmtree(os.path.join(data["runs"], f"memory_{preset}"))  # its 14 GB checkpoint
         fake = estimate(cfg)["peak"]
         report("gpu_memory", dict(figures, allocated_gib=allocated, quick_error=quick / allocated - 1, fake_gib=fake,
                                   fake_error=fake / allocated - 1), args.results, "cuda")
+
+
+def allocation_site(frames):
+    """Where a CUDA allocation was made: its innermost Python frame and, when that is not ours, the
+    innermost frame of rodin's code (train.py, rodin/) that led there."""
+    def where(frame):
+        path = os.path.relpath(frame["filename"], ROOT) if frame["filename"].startswith(ROOT) else os.path.basename(frame["filename"])
+        return f"{path}:{frame['line']} {frame['name']}"
+
+    ours = next((f for f in frames if f["filename"].startswith(ROOT)), None)
+    sites = [where(f) for f in ([frames[0]] if frames else []) + ([ours] if ours and ours is not frames[0] else [])]
+    return " <- ".join(sites) or "unknown"
+
+
+def live_at_peak(trace, top=10):
+    """(bytes, [(bytes, site), ...]) of the allocations live when the sum of live allocations of
+    trace (torch.cuda.memory._snapshot()'s device trace) peaked, summed by allocation_site, largest first."""
+    live, total, peak, peak_at = {}, 0, 0, -1
+    for i, event in enumerate(trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+        elif event["action"] in ("free_requested", "free_completed") and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+        if total > peak:
+            peak, peak_at = total, i
+    live = {}
+    for event in trace[:peak_at + 1]:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+        elif event["action"] in ("free_requested", "free_completed"):
+            live.pop(event["addr"], None)
+    by_site = {}
+    for event in live.values():
+        site = allocation_site(event.get("frames", []))
+        by_site[site] = by_site.get(site, 0) + event["size"]
+    return peak, sorted(((size, site) for site, size in by_site.items()), reverse=True)[:top]
 
 
 def item_optimizers(args, data):
@@ -262,12 +319,20 @@ def run_item(args, data):
     name = args.item
     functions = {"tests": item_tests, "throughput": item_throughput,
                  "throughput_compiled": lambda a, d: item_throughput(a, d, compiled=True),
-                 "throughput_whole": lambda a, d: item_throughput(a, d, compiled=True, scope="whole"),
+                 "throughput_blocks": lambda a, d: item_throughput(a, d, compiled=True, scope="blocks"),
                  "preset_3090": item_preset_3090, "memory": item_memory, "optimizers": item_optimizers, "guard": item_guard,
                  "fsdp": item_fsdp}
     figures = functions[name](args, data)
     if figures:
         report(f"gpu_{name}", figures, args.results, None if args.quick else "cuda")
+
+
+def memory_scratch(quick, need_gib=64):
+    """A folder in /dev/shm for the runs' checkpoints when it has room (a rodin-1b checkpoint is 14 GB:
+    half a minute to a disk, seconds to memory), else None."""
+    if quick or not os.path.isdir("/dev/shm") or shutil.disk_usage("/dev/shm").free < need_gib * GIB:
+        return None
+    return tempfile.mkdtemp(prefix="rodin-bench-gpu-", dir="/dev/shm")
 
 
 def make_data(folder):
@@ -382,6 +447,7 @@ def main(argv=None):
         log.say("error: bench/gpu.py measures a CUDA device and torch sees none (--quick runs its items on the CPU)")
         sys.exit(1)
     device = None if args.quick else "cuda"
+    scratch = memory_scratch(args.quick)
     with tempfile.TemporaryDirectory(prefix="rodin-bench-gpu-") as folder:
         data = None
         for name in [n for n in ITEMS if n in args.only.split(",")]:
@@ -399,6 +465,8 @@ def main(argv=None):
                     log.say(f"== data: failed ({''.join(tail[-1:]).strip() or 'timed out'}); no item can run")
                     sys.exit(1)
                 data = json.loads(tail[-1])
+                if scratch:
+                    data.update(scratch=scratch, runs=os.path.join(scratch, "runs"))
             log.say(f"== {name}: {what} (at most {min(limit, left):.0f} s)")
             cmd = [sys.executable, os.path.abspath(__file__), f"--item={name}", f"--data={json.dumps(data)}",
                    f"--results={args.results}"] + (["--quick"] if args.quick else [])
@@ -416,6 +484,8 @@ def main(argv=None):
                 status = f"done in {took:.0f} s"
             log.say(f"== {name}: {status}")
             log.copy_rows()
+    if scratch:
+        shutil.rmtree(scratch, ignore_errors=True)
     log.say(f"bench-gpu: {time.time() - start:.0f} s; figures appended to {args.results}"
             + (f", copied with this log to {args.out}" if args.out else ""))
 

@@ -113,7 +113,7 @@ class TrainConfig:
     optimizer_in_backward: bool = False  # step each parameter as its gradient completes, then free it; needs grad_accum_steps=1, grad_clip=0
     loss_chunk: int = 0  # > 0: cross-entropy over this many positions at a time; full fp32 logits never exist
     compile: str = "auto"  # auto: on CUDA, and on a CPU for runs of 500 steps or more (distributed.compiles) | on | off
-    compile_scope: str = "auto"  # blocks (each block its graph) | whole (the model with its head and loss) | auto: whole on one CPU process, else blocks (distributed.compile_scope)
+    compile_scope: str = "auto"  # blocks (each block its graph) | whole (the model with its head and loss) | auto: whole on one process, blocks under FSDP2 (measured: distributed.compile_scope)
     check_memory: bool = True  # on CUDA, refuse before the first step a run whose estimated peak exceeds the card (rodin/train/preflight.py)
     # run directory, evaluation, checkpoints
     out_dir: str = "runs"

@@ -71,8 +71,26 @@ def test_every_item_leaves_its_figures_in_the_results_without_the_absent_package
     assert "== memory: done in" in stdout and "bench-gpu:" in stdout
     log = (out / "gpu.log").read_text()
     assert log.splitlines()[0] == first and "== optimizers: done in" in log and "gpu_preset_3090: preset=3090" in log
+    assert "test_3090_preset_trains_rodin_1b_within_24_gib SKIPPED" in log  # a line per test, as it ends
     copied = [line for line in (out / "RESULTS.md").read_text().splitlines() if line.startswith("| 20")]
     assert copied == [line for line in (tmp_path / "R.md").read_text().splitlines() if line.startswith("| 20")]
+
+
+def test_what_is_live_at_the_allocators_peak_is_summed_by_where_it_was_allocated():
+    from bench.gpu import live_at_peak
+
+    ours = {"filename": os.path.join(ROOT, "rodin", "train", "loop.py"), "line": 40, "name": "forward_backward"}
+    torch_frame = {"filename": "/site-packages/torch/optim/_muon.py", "line": 9, "name": "_single_tensor_muon"}
+
+    def event(action, addr, size, frames=()):
+        return {"action": action, "addr": addr, "size": size, "frames": list(frames)}
+
+    trace = [event("alloc", 1, 100, [ours]), event("alloc", 2, 50, [torch_frame, ours]), event("alloc", 3, 30, [ours]),
+             event("free_requested", 2, 50), event("free_completed", 2, 50), event("alloc", 4, 10, [torch_frame, ours])]
+    peak, sites = live_at_peak(trace)
+    assert peak == 180  # after the third allocation; the fourth comes after a free of 50
+    assert sites == [(130, "rodin/train/loop.py:40 forward_backward"),
+                     (50, "_muon.py:9 _single_tensor_muon <- rodin/train/loop.py:40 forward_backward")]
 
 
 def test_an_item_left_without_time_leaves_a_row_saying_so(tmp_path):
