@@ -40,6 +40,11 @@ RECIPES = {
     "adamw-fp32": ["--optimizer=adamw", "--dtype=fp32", "--lr=3e-3", "--min_lr=3e-4"],  # the default before Muon
     "adamw-auto": ["--optimizer=adamw", "--dtype=auto", "--lr=3e-3", "--min_lr=3e-4"],  # bf16 where the CPU has it
     "muon-auto": ["--optimizer=muon", "--dtype=auto"],
+    # Muon's 2026 variants (issue 22), each alone on top of muon-auto; kept only where they measure better
+    "muon-polar": ["--optimizer=muon", "--dtype=auto", "--muon_orthogonalise=polar_express"],
+    "muon-normuon": ["--optimizer=muon", "--dtype=auto", "--muon_normuon=true"],
+    "muon-cautious": ["--optimizer=muon", "--dtype=auto", "--muon_cautious_weight_decay=true"],
+    "muon-wsd": ["--optimizer=muon", "--dtype=auto", "--schedule=wsd", "--decay_steps=100"],  # the last fifth decays
 }
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from rodin.model import ModelConfig
 
+MUON_ORTHOGONALISERS = ("newton_schulz", "polar_express")  # rodin/train/muon.py
+
 MODELS = {
     # RODIN-1B: 1,238,415,360 parameters
     "rodin-1b": ModelConfig(dim=2048, n_layers=22, n_heads=16, n_kv_heads=16, ffn_dim=5461, vocab_size=64000,
@@ -89,6 +91,10 @@ class TrainConfig:
     muon_nesterov: bool = True
     muon_ns_steps: int = 5  # Newton–Schulz iterations
     muon_weight_decay: float = 0.1
+    # Muon's 2026 variants, each off until bench/recipe.py measures it helping on cpu-demo (docs/recipe.md)
+    muon_orthogonalise: str = "newton_schulz"  # newton_schulz (torch's one quintic, muon_ns_steps times) | polar_express (five quintics)
+    muon_normuon: bool = False  # NorMuon: each row of the update scaled by its running RMS (one process only)
+    muon_cautious_weight_decay: bool = False  # decay a weight only where its update pulls it toward zero too
     grad_clip: float = 1.0
     seed: int = 1337
     # the guard (rodin/train/guard.py): a non-finite step is not applied; a spike (the loss above
@@ -176,6 +182,8 @@ def check_optimizer(cfg):
         raise ValueError(f"--optimizer={cfg.optimizer}: choose adamw or muon")
     if not 0 <= cfg.muon_momentum < 1:
         raise ValueError(f"--muon_momentum={cfg.muon_momentum}: must be in [0, 1) (0.95 is the usual value)")
+    if cfg.muon_orthogonalise not in MUON_ORTHOGONALISERS:
+        raise ValueError(f"--muon_orthogonalise={cfg.muon_orthogonalise}: choose {' or '.join(MUON_ORTHOGONALISERS)}")
     if not 1 <= cfg.muon_ns_steps < 100:
         raise ValueError(f"--muon_ns_steps={cfg.muon_ns_steps}: must be between 1 and 99 (5 is the usual value)")
     if cfg.muon_weight_decay < 0:

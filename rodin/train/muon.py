@@ -24,23 +24,103 @@ from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch's
 LR_RULE = "match_rms_adamw"
 
 
+# Polar Express (Amsel et al. 2025, arXiv:2505.16932): a quintic per iteration, each chosen for the
+# spectrum the previous one leaves, as modded-nanogpt and nanochat use; the input is scaled by its
+# Frobenius norm with a 2 % safety margin
+POLAR_EXPRESS = ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                 (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                 (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                 (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                 (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
+VARIANTS = {"orthogonalise": "newton_schulz", "normuon": False, "cautious_weight_decay": False}
+
+
+def polar_express(update, eps=1e-7):
+    """update orthogonalised by Polar Express's five quintics, in bf16 as torch's Newton–Schulz."""
+    x = update.bfloat16()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    x = x / (x.norm() * 1.02 + eps)
+    for a, b, c in POLAR_EXPRESS:
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def orthogonalise(update, group):
+    if group["orthogonalise"] == "polar_express":
+        return polar_express(update, group["eps"])
+    return _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+
+
+def normuon(update, second_moment, beta2=0.95, eps=1e-10):
+    """NorMuon (arXiv:2510.05491): each row (each column of a wide matrix) of the orthogonalised
+    update divided by the running RMS of its entries, then the whole rescaled to its former norm,
+    so the learning rate rule still holds. second_moment: one value per row (column), updated."""
+    reduce = -1 if update.size(0) >= update.size(1) else -2
+    u = update.float()
+    mean_square = u.square().mean(dim=reduce, keepdim=True)
+    second_moment.lerp_(mean_square, 1 - beta2)
+    scaled = u * second_moment.clamp_min(eps).rsqrt()
+    return (scaled * (u.norm() / scaled.norm().clamp_min(eps))).to(update.dtype)
+
+
 class Muon(torch.optim.Muon):
-    """torch.optim.Muon that also steps matrices sharded by FSDP2 (see the module docstring)."""
+    """torch.optim.Muon that also steps matrices sharded by FSDP2 (see the module docstring), and
+    the variants of VARIANTS (each off by default, kept by measurement: rodin/config.py)."""
+
+    def __init__(self, params, orthogonalise="newton_schulz", normuon=False, cautious_weight_decay=False, **kwargs):
+        super().__init__(params, **kwargs)
+        variants = {"orthogonalise": orthogonalise, "normuon": normuon, "cautious_weight_decay": cautious_weight_decay}
+        self.defaults.update(variants)
+        for group in self.param_groups:
+            for key, value in variants.items():
+                group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"]]
-        if not any(isinstance(p, DTensor) for p in params):
+        plain = all(all(group.get(k, v) == v for k, v in VARIANTS.items()) for group in self.param_groups)
+        if plain and not any(isinstance(p, DTensor) for p in params):
             return super().step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            self._step_sharded(group, [p for p in group["params"] if p.grad is not None])
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if any(isinstance(p, DTensor) for p in with_grad):
+                self._step_sharded(group, with_grad)
+            else:
+                for p in with_grad:
+                    self._step_one(group, p)
         return loss
 
+    def _step_one(self, group, p):
+        """One matrix on one process: torch's step, with the variants the group asks for."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf, grad = state["momentum_buffer"], p.grad
+        buf.lerp_(grad, 1 - group["momentum"])
+        update = orthogonalise(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf, group)
+        if group["normuon"]:
+            if "second_moment" not in state:
+                rows = p.size(0) >= p.size(1)
+                state["second_moment"] = torch.zeros((p.size(0), 1) if rows else (1, p.size(1)), device=p.device)
+            update = normuon(update, state["second_moment"])
+        decay = group["lr"] * group["weight_decay"]
+        if group["cautious_weight_decay"]:  # decay only where the update pulls the weight toward zero too
+            p.sub_(p * (update * p > 0) * decay)
+        else:
+            p.mul_(1 - decay)
+        p.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+
     def _step_sharded(self, group, params):
+        if group.get("normuon"):
+            raise ValueError("--muon_normuon=true keeps a second moment per row of whole matrices, which FSDP2 "
+                             "splits; train on one process, or drop --muon_normuon")
         updates = []
         for p in params:
             state = self.state[p]
@@ -49,16 +129,21 @@ class Muon(torch.optim.Muon):
             buf, grad = state["momentum_buffer"].to_local(), p.grad.to_local()
             buf.lerp_(grad, 1 - group["momentum"])
             updates.append(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
-        orthogonal = orthogonalise_sharded(updates, params, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        orthogonal = orthogonalise_sharded(updates, params, group)
         for p, update in zip(params, orthogonal):
             local = p.to_local()
-            local.mul_(1 - group["lr"] * group["weight_decay"])
+            decay = group["lr"] * group["weight_decay"]
+            if group.get("cautious_weight_decay"):  # element-wise: the same on a shard as on the whole
+                local.sub_(local * (update * local > 0) * decay)
+            else:
+                local.mul_(1 - decay)
             local.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
 
 
-def orthogonalise_sharded(updates, params, ns_coefficients, ns_steps, eps):
+def orthogonalise_sharded(updates, params, settings):
     """The rows of this rank of each whole matrix orthogonalised: updates[i] is this rank's rows
-    of a matrix sharded as params[i] (a DTensor sharded by rows over a 1-D mesh)."""
+    of a matrix sharded as params[i] (a DTensor sharded by rows over a 1-D mesh); settings: the
+    Muon param group (its orthogonaliser, steps, eps)."""
     if not params:
         return []
     mesh = params[0].device_mesh
@@ -83,7 +168,7 @@ def orthogonalise_sharded(updates, params, ns_coefficients, ns_steps, eps):
         if owner == rank:
             gathers[i].wait()
             whole = torch.cat(gathered[i])[: p.shape[0]]
-            orthogonal = _zeropower_via_newtonschulz(whole, ns_coefficients, ns_steps, eps).to(update.dtype)
+            orthogonal = orthogonalise(whole, settings).to(update.dtype)
             pieces = list(_pad_rows(orthogonal, len(padded[i]) * world).chunk(world))
         scatters.append(dist.scatter(out, pieces, src=dist.get_global_rank(group, owner), group=group, async_op=True))
         results.append(out[: len(update)])

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from rodin.train.muon import LR_RULE, Muon
+from rodin.train.muon import LR_RULE, VARIANTS, Muon
 
 OPTIMIZERS = ("adamw", "muon")
 
@@ -47,7 +47,7 @@ def make_optimizer(model, lr, weight_decay, betas, fused=None, in_backward=False
         fused = all(p.is_cuda for group in groups for p in group["params"])
     adamw = dict(lr=lr, betas=betas, fused=fused or None)
     muon_kwargs = muon and dict(lr=lr, momentum=muon["momentum"], nesterov=muon["nesterov"], ns_steps=muon["ns_steps"],
-                                adjust_lr_fn=LR_RULE)
+                                adjust_lr_fn=LR_RULE, **{k: muon[k] for k in VARIANTS if k in muon})
 
     def build(group_list):
         if group_list and group_list[0].get("optimizer") == "muon":
@@ -68,7 +68,8 @@ def optimizer_for(model, cfg, fused=None):
     muon = None
     if cfg.optimizer == "muon":
         muon = {"momentum": cfg.muon_momentum, "nesterov": cfg.muon_nesterov, "ns_steps": cfg.muon_ns_steps,
-                "weight_decay": cfg.muon_weight_decay}
+                "weight_decay": cfg.muon_weight_decay, "orthogonalise": cfg.muon_orthogonalise,
+                "normuon": cfg.muon_normuon, "cautious_weight_decay": cfg.muon_cautious_weight_decay}
     return make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=fused,
                           in_backward=cfg.optimizer_in_backward, muon=muon)
 

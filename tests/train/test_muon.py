@@ -40,6 +40,61 @@ def by_hand(model, lr):
     return muon, adamw
 
 
+def test_polar_express_orthogonalises_more_tightly_than_newton_schulz_in_as_many_steps():
+    from torch.optim._muon import _zeropower_via_newtonschulz
+
+    from rodin.train.muon import polar_express
+
+    torch.manual_seed(0)
+    for shape in ((64, 256), (256, 64)):
+        g = torch.randn(shape)
+        ours = torch.linalg.svdvals(polar_express(g).float())
+        torchs = torch.linalg.svdvals(_zeropower_via_newtonschulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7).float())
+        assert 0.8 < ours.min() and ours.max() < 1.2  # every singular value near 1
+        assert torchs.min() < 0.7  # torch's quintic leaves the small ones lower (by design, see its docstring)
+
+
+def test_normuon_gives_every_row_the_same_rms_and_keeps_the_update_norm():
+    from rodin.train.muon import normuon
+
+    torch.manual_seed(0)
+    update = torch.randn(32, 8) * torch.linspace(0.1, 3, 32)[:, None]  # rows of very different scale
+    second_moment = torch.zeros(32, 1)
+    out = normuon(update, second_moment)
+    rms = out.square().mean(dim=1).sqrt()
+    assert torch.allclose(rms, rms.mean().expand(32), rtol=1e-4)
+    assert out.norm() == pytest.approx(update.norm().item(), rel=1e-5)
+    assert torch.allclose(second_moment, 0.05 * update.square().mean(dim=1, keepdim=True))  # a running mean, beta2 0.95
+    wide_state = torch.zeros(1, 32)
+    assert normuon(update.T.contiguous(), wide_state).shape == (8, 32)  # a wide matrix: one value per column
+
+
+def test_cautious_weight_decay_spares_the_weights_that_the_update_pushes_away_from_zero():
+    from rodin.train.muon import Muon
+
+    def stepped(cautious):
+        p = torch.nn.Parameter(torch.tensor([[1.0, -1.0], [1.0, -1.0]]))
+        optimizer = Muon([p], lr=0.1, weight_decay=0.5, momentum=0.0, nesterov=False, adjust_lr_fn="match_rms_adamw",
+                         cautious_weight_decay=cautious)
+        p.grad = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # the update lowers every weight
+        optimizer.step()
+        return p.detach()
+
+    plain, cautious = stepped(False), stepped(True)
+    # where the weight is positive the update (same sign as the gradient) pulls it down as decay does:
+    # both decay; where it is negative the update pushes it further from zero: only plain decays
+    assert torch.equal(cautious[:, 0], plain[:, 0])
+    assert (cautious[:, 1] < plain[:, 1]).all()  # more negative: no decay toward zero
+
+
+def test_normuon_under_fsdp_is_refused_in_one_line():
+    from rodin.train.muon import Muon
+
+    optimizer = Muon([torch.nn.Parameter(torch.ones(4, 4))], lr=0.1, normuon=True)
+    with pytest.raises(ValueError, match=r"--muon_normuon=true .* FSDP2 splits; train on one process, or drop --muon_normuon"):
+        optimizer._step_sharded(optimizer.param_groups[0], [])
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_muon_steps_the_block_matrices_as_torch_muon_and_the_rest_as_adamw(tied):
     ours, theirs = tiny_model(tied), tiny_model(tied)
@@ -156,7 +211,8 @@ def sharded_steps(rank, port, out_dir, n_steps):
     torch.manual_seed(0)
     whole = [torch.randn(rows, 24) for rows in (7, 24, 50)]  # 7 rows over 2 ranks: 4 and 3
     sharded = [distribute_tensor(m, mesh, [Shard(0)]) for m in whole]
-    mine = rodin.train.muon.orthogonalise_sharded([m.to_local() for m in sharded], sharded, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+    plain = {"orthogonalise": "newton_schulz", "ns_coefficients": (3.4445, -4.7750, 2.0315), "ns_steps": 5, "eps": 1e-7}
+    mine = rodin.train.muon.orthogonalise_sharded([m.to_local() for m in sharded], sharded, plain)
     orthogonalised.clear()
     optimizer = optimizer_for(model, cfg)
     losses = []
