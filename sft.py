@@ -28,9 +28,9 @@ from rodin.data.tokenizer import copy_into_run
 from rodin.eval.chat import chat_reply, open_chat_tokenizer
 from rodin.model import ModelConfig
 from rodin.spot.lifeline import Lifeline
-from rodin.train import checkpoint, distributed, preflight
+from rodin.train import checkpoint, distributed, fp8, preflight
 from rodin.train.budget import Budget
-from rodin.train.device import autocast, peak_flops, resolve_dtype
+from rodin.train.device import autocast, peak_flops
 from rodin.train.guard import DIVERGED, guard_for
 from rodin.train.loop import evaluate, run_steps
 from rodin.train.loss import make_loss_fn
@@ -142,7 +142,7 @@ def finetune(cfg, device, lifeline):
         copy_into_run(tokenizer, run_dir)  # the run works without data/ (chat, export, eval, --init_from)
         log = RunLog(run_dir, dict(config_to_dict(cfg), world_size=world), cfg.wandb, resume_step=step)
     say(f"model: {model.num_params():,} parameters | {world} x {device.type}{' (FSDP2)' if world > 1 else ''} | "
-        f"{resolve_dtype(device, cfg.dtype)} | {cfg.optimizer}")
+        f"{fp8.precision(cfg, device)} | {cfg.optimizer}")
 
     state = {"step": step, "tokens_seen": tokens_seen, "guard": guard_for(cfg, meta if ckpt is not None else None)}
 

@@ -26,10 +26,10 @@ from rodin.config import config_to_dict, parse_args, save_config
 from rodin.data.batches import TrainBatches, Windows, eval_batches, find_shards, held_out_sets
 from rodin.data.tokenizer import Tokenizer, copy_into_run
 from rodin.spot.lifeline import Lifeline
-from rodin.train import checkpoint, distributed, preflight
+from rodin.train import checkpoint, distributed, fp8, preflight
 from rodin.train.bits_per_byte import bytes_per_token, loss_to_bpb, token_byte_lengths
 from rodin.train.budget import Budget
-from rodin.train.device import autocast, peak_flops, resolve_dtype
+from rodin.train.device import autocast, peak_flops
 from rodin.train.guard import DIVERGED, guard_for
 from rodin.train.loop import evaluate, run_steps, sample_texts
 from rodin.train.loss import make_loss_fn
@@ -147,7 +147,7 @@ def train(cfg, device, lifeline):
     peak = peak_flops(device)
     say(f"model: {model.num_params():,} parameters | {full_batch * cfg.seq_len:,} tokens/step | "
         f"{world} x {device.type}{' (FSDP2)' if world > 1 else ''} | "
-        f"{resolve_dtype(device, cfg.dtype)} | {cfg.optimizer}")
+        f"{fp8.precision(cfg, device)} | {cfg.optimizer}")
 
     state = {"step": step, "tokens_seen": tokens_seen, "guard": guard_for(cfg, meta if ckpt is not None else None)}
 

@@ -10,6 +10,8 @@ Frozen decisions:
   preflight.py's closed form and bench/memory_estimate.py's fake-tensor estimate against
   torch.cuda.max_memory_allocated, eager, 3090 and b200 presets, with what is live at the
   allocator's peak, summed by where it was allocated); `tests` (pytest -m gpu, a line per test);
+  `fp8` (rodin-1b compiled with FP8 matmuls against transformers, and gpu-demo's loss after 200
+  steps with FP8 against bf16);
   `throughput_compiled` (rodin-1b's training step at context 2048, micro-batch 8, bf16, ours
   compiled as train.py compiles it on one GPU, the whole model, against transformers'
   LlamaForCausalLM compiled whole, in the same run: tokens/s, MFU against the datasheet and
@@ -59,6 +61,7 @@ GIB = 2**30
 ITEMS = {
     "memory": (150, "memory estimates against the allocator, and what is live at its peak"),
     "tests": (240, "pytest -m gpu"),
+    "fp8": (300, "rodin-1b with FP8 matmuls vs transformers compiled; gpu-demo's loss over 200 steps, FP8 against bf16"),
     "throughput_compiled": (200, "rodin-1b compiled as train.py on one GPU (whole) vs transformers compiled"),
     "throughput_blocks": (200, "rodin-1b compiled per block (as under FSDP2) vs transformers compiled"),
     "preset_3090": (150, "train.py --preset=3090 under a 24 GiB cap"),
@@ -289,6 +292,27 @@ def item_optimizers(args, data):
     return figures
 
 
+def item_fp8(args, data):
+    """rodin-1b's compiled step with --fp8=tensorwise (its tokens/s against throughput_compiled's bf16
+    row of the same call), then gpu-demo trained 200 steps by train.py with FP8 and without: the
+    final losses' relative difference (goal: within 1 %)."""
+    from bench import train_throughput
+
+    throughput = ["--quick", "--device=cpu"] if args.quick else ["--batch=8", "--repeats=3", "--steps=5"]
+    train_throughput.main(throughput + ["--compile=both", "--fp8=tensorwise", f"--results={args.results}"])
+    import train
+
+    preset = ["--preset=test", "--dtype=bf16"] if args.quick else ["--preset=gpu-demo"]
+    steps = 8 if args.quick else 200
+    losses = {}
+    for recipe in ("off", "tensorwise"):
+        name = f"fp8_{recipe}"
+        assert train.main([*preset, f"--name={name}", f"--max_steps={steps}", f"--fp8={recipe}", *run_args(args, data)]) == 0
+        losses[recipe] = steady_figures(os.path.join(data["runs"], name))["loss"]
+    return {"preset": "test" if args.quick else "gpu-demo", "steps": steps, "bf16_loss": losses["off"],
+            "fp8_loss": losses["tensorwise"], "relative_difference": losses["tensorwise"] / losses["off"] - 1}
+
+
 def item_guard(args, data):
     from bench import guard_cost
 
@@ -321,7 +345,7 @@ def run_item(args, data):
                  "throughput_compiled": lambda a, d: item_throughput(a, d, compiled=True),
                  "throughput_blocks": lambda a, d: item_throughput(a, d, compiled=True, scope="blocks"),
                  "preset_3090": item_preset_3090, "memory": item_memory, "optimizers": item_optimizers, "guard": item_guard,
-                 "fsdp": item_fsdp}
+                 "fsdp": item_fsdp, "fp8": item_fp8}
     figures = functions[name](args, data)
     if figures:
         report(f"gpu_{name}", figures, args.results, None if args.quick else "cuda")

@@ -40,6 +40,7 @@ from bench.results import report  # noqa: E402
 from rodin.config import MODELS  # noqa: E402
 from rodin.train.device import autocast, measured_matmul_flops, peak_flops, pick_device, resolve_dtype  # noqa: E402
 from rodin.ship.hf import hf_config  # noqa: E402
+from rodin.train import fp8  # noqa: E402
 from rodin.train.distributed import compile_scope  # noqa: E402
 from rodin.train.loop import train_step  # noqa: E402
 from rodin.model import LLaMA  # noqa: E402
@@ -61,12 +62,14 @@ class HFCausalLM(nn.Module):
         return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def build(name, cfg, device, attn_implementation, compile_model, scope="auto"):
+def build(name, cfg, device, attn_implementation, compile_model, scope="auto", fp8_recipe="off"):
     """A contender and its AdamW; compiled, ours as train.py compiles it on one process (scope:
-    rodin.train.distributed.compile_scope), transformers' whole."""
+    rodin.train.distributed.compile_scope), transformers' whole. fp8_recipe: ours with FP8 matmuls."""
     torch.manual_seed(0)
     with torch.device(device):
         model = LLaMA(cfg) if name == "rodin" else HFCausalLM(cfg, attn_implementation)
+    if name == "rodin" and fp8_recipe != "off":
+        fp8.convert(model, fp8_recipe)
     model.train()
     optimizer = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95))
     if compile_model and name == "rodin" and compile_scope(SimpleNamespace(compile_scope=scope), device, 1) == "blocks":
@@ -92,7 +95,8 @@ class Contender:
 
     def setup(self):
         compile_model = self.args.compile == "both" or (self.args.compile == "rodin" and self.name == "rodin")
-        self.model, self.optimizer = build(self.name, self.cfg, self.device, self.args.attn, compile_model, self.args.scope)
+        self.model, self.optimizer = build(self.name, self.cfg, self.device, self.args.attn, compile_model, self.args.scope,
+                                           self.args.fp8)
         self.run(self.args.warmup)
 
     def teardown(self):
@@ -155,6 +159,8 @@ def parse_args(argv):
                         help="torch.compile both models, or ours alone (as train.py would run it against stock transformers)")
     parser.add_argument("--scope", default="auto", choices=("auto", "blocks", "whole"),
                         help="how ours is compiled (train.py's --compile_scope): auto is whole on a CPU, blocks on CUDA")
+    parser.add_argument("--fp8", default="off", choices=("off", "tensorwise", "rowwise"),
+                        help="ours with the blocks' matmuls in FP8 (train.py's --fp8; MFU stays against the bf16 peak)")
     parser.add_argument("--memory_cap_gib", type=float, default=0, help="GPU: cap this process's memory")
     parser.add_argument("--clock", default="wall", choices=("wall", "cpu"), help="cpu: CPU seconds of this process (CPU only)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
@@ -212,6 +218,8 @@ def main(argv=None):
                "compile": args.compile, "repeats": args.repeats}
     if args.compile != "none":
         figures["scope"] = compile_scope(SimpleNamespace(compile_scope=args.scope), device, 1)
+    if args.fp8 != "off":
+        figures["fp8"] = args.fp8
     if device.type == "cpu":
         figures.update(threads=torch.get_num_threads(), clock=args.clock)
     if args.memory_cap_gib and device.type == "cuda":

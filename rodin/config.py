@@ -119,6 +119,8 @@ class TrainConfig:
     optimizer_in_backward: bool = False  # step each parameter as its gradient completes, then free it; needs grad_accum_steps=1, grad_clip=0
     loss_chunk: int = 0  # > 0: cross-entropy over this many positions at a time; full fp32 logits never exist
     compile: str = "auto"  # auto: on CUDA, and on a CPU for runs of 500 steps or more (distributed.compiles) | on | off
+    fp8: str = "off"  # off | auto (tensorwise where the card has FP8 and dim >= fp8_min_dim) | tensorwise | rowwise: the blocks' matmuls in FP8 (rodin/train/fp8.py)
+    fp8_min_dim: int = 2048  # --fp8=auto's smallest model dim (a guess from torchao's H100 tables until bench/gpu.py's fp8 item measures it)
     compile_scope: str = "auto"  # blocks (each block its graph) | whole (the model with its head and loss) | auto: whole on one process, blocks under FSDP2 (measured: distributed.compile_scope)
     check_memory: bool = True  # on CUDA, refuse before the first step a run whose estimated peak exceeds the card (rodin/train/preflight.py)
     # run directory, evaluation, checkpoints
@@ -163,6 +165,8 @@ class TrainConfig:
             raise ValueError(f"--dtype={self.dtype}: choose auto, fp32 or bf16")
         if self.compile not in ("auto", "on", "off"):
             raise ValueError(f"compile={self.compile!r}: choose auto, on or off")
+        if self.fp8 not in ("off", "auto", "tensorwise", "rowwise"):
+            raise ValueError(f"--fp8={self.fp8!r}: choose off, auto, tensorwise or rowwise")
         if self.compile_scope not in ("auto", "blocks", "whole"):
             raise ValueError(f"--compile_scope={self.compile_scope!r}: choose auto, blocks or whole")
         if self.micro_batch_size < 0 or self.global_batch < 0 or not 0 <= self.memory_margin < 1:
@@ -220,26 +224,29 @@ PRESETS = {
     # scaling runs and ~0.6x the steps on cpu-demo. The 3090 and b200 presets are this run tuned to
     # one card: all three write runs/rodin-1b and keep the global batch, so a run moves between them.
     # The fit, estimated: micro-batch 8 on 24 GiB (19.8 GiB; 16 would need 24.5), 64 on 80 GiB (53.4).
+    # FP8 where the card has it (4090, H100/H200, B200; not a 3090): torchtitan's +25 % on H100 with
+    # float8, not yet measured here (bench/gpu.py's fp8 item).
     "rodin-1b": TrainConfig(model=MODELS["rodin-1b"], data_dir="data/fr", tokenizer="data/fr/tokenizer.model",
                             seq_len=2048, micro_batch_size=0, global_batch=512, max_steps=30000, optimizer="muon",
                             lr=3e-4, min_lr=3e-5, warmup_steps=2000, eval_every=250, eval_batches=2, ckpt_every=100,
                             ckpt_every_minutes=30, activation_checkpointing="full", loss_chunk=2048,
-                            memory_margin=0.15, name="rodin-1b"),
+                            memory_margin=0.15, fp8="auto", name="rodin-1b"),
     # RODIN-1B on one 24 GiB card (RTX 3090/4090), now RODIN-1B's own recipe: with Muon's single
     # moment, clipping and accumulation fit (estimated peak 19.8 GiB at micro-batch 8 with every block
     # recomputed and the logits chunked; 18.2 at 4), where AdamW needed optimizer_in_backward without
     # clipping or accumulation (19.3 GiB; with them 22.3). Micro-batch fixed at 8: no estimate at start.
+    # bf16 only: a 3090 (compute capability 8.6) has no FP8 matmuls.
     "3090": TrainConfig(model=MODELS["rodin-1b"], data_dir="data/fr", tokenizer="data/fr/tokenizer.model",
                         seq_len=2048, micro_batch_size=8, global_batch=512, max_steps=30000, optimizer="muon",
                         lr=3e-4, min_lr=3e-5, warmup_steps=2000, eval_every=250, eval_batches=2, ckpt_every=100,
                         ckpt_every_minutes=30, activation_checkpointing="full", loss_chunk=2048, name="rodin-1b"),
     # RODIN-1B on B200s (one, or a node under torchrun): no recomputation, the micro-batch fitted to
     # the card (16 by the estimate: 32 would need ~177 GiB without recomputation, 16 ~100), the same
-    # global batch of 512 x 2048 on any number of GPUs.
+    # global batch of 512 x 2048 on any number of GPUs. FP8 as rodin-1b.
     "b200": TrainConfig(model=MODELS["rodin-1b"], data_dir="data/fr", tokenizer="data/fr/tokenizer.model",
                         seq_len=2048, micro_batch_size=0, global_batch=512, max_steps=30000, optimizer="muon",
                         lr=3e-4, min_lr=3e-5, warmup_steps=2000, eval_every=250, eval_batches=2, ckpt_every=100,
-                        ckpt_every_minutes=30, loss_chunk=8192, name="rodin-1b"),
+                        ckpt_every_minutes=30, loss_chunk=8192, fp8="auto", name="rodin-1b"),
     # Lucie-7B's shape on one node of 8 80-GB GPUs (torchrun --nproc_per_node=8, FSDP2): 8 x 2 x 64 = 1024
     # sequences of 4096 tokens a step, ramped up from 256 by 64 over ~10 M sequences as Lucie's was, ~3 T
     # tokens in all. Selective recomputation. Muon: its momentum is 3 GiB a GPU less than AdamW's two

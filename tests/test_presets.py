@@ -204,7 +204,7 @@ def pretrained(demo_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory):
-    from test_sft import littre_slice
+    from conftest import littre_slice
 
     path = tmp_path_factory.mktemp("chat") / "littre.jsonl"
     path.write_text("".join(littre_slice(80)), encoding="utf-8")

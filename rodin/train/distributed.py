@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from rodin.model import LLaMA
-from rodin.train import activation_checkpoint
+from rodin.train import activation_checkpoint, fp8
 from rodin.train.checkpoint import load_full_into_sharded
 from rodin.train.device import has_cpp_compiler
 
@@ -84,6 +84,9 @@ def build_model(cfg, device, init_weights=True, varying_length=False):
     else:
         with torch.device("meta"):
             model = LLaMA(cfg.model)
+    recipe = fp8.resolve(cfg, device)
+    if recipe != "off":
+        fp8.convert(model, recipe)
     activation_checkpoint.apply(model, cfg.activation_checkpointing)
     if compiles(cfg, device):
         # a first static graph would be compiled again as dynamic at the second length: one graph, not two

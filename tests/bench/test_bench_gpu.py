@@ -60,10 +60,11 @@ def test_every_item_leaves_its_figures_in_the_results_without_the_absent_package
     # throughput's items are bench/train_throughput.py's own, tested in tests/bench/test_bench.py; fsdp's
     # torchrun of the b200 preset is tests/test_presets.py's, and reads its figures as preset_3090
     out = tmp_path / "out"
-    rows, stdout = bench_gpu(tmp_path, "--only=tests,preset_3090,memory,optimizers,guard", f"--out={out}")
+    rows, stdout = bench_gpu(tmp_path, "--only=tests,fp8,preset_3090,memory,optimizers,guard", f"--out={out}")
     assert "skipped=" in rows["gpu_tests"] and "failed_tests=none" in rows["gpu_tests"]  # on a CPU the gpu tests skip
     for name, figures in (("gpu_preset_3090", "tok_s="), ("gpu_memory", "fake_gib="),
-                          ("gpu_optimizers", "muon_over_adamw_at_64_micro_batches="), ("guard_cost", "guard_share=")):
+                          ("gpu_optimizers", "muon_over_adamw_at_64_micro_batches="), ("guard_cost", "guard_share="),
+                          ("gpu_fp8", "relative_difference=")):
         assert figures in rows[name] and "status" not in rows[name], (name, rows[name])
     # the machine first, a line as each item ends, all of it in the log with the rows it added
     first = stdout.splitlines()[0]
