@@ -86,7 +86,9 @@ def encode_split(split, docs, tok, tokenizer_path, out_dir, shard_tokens, worker
     def publish():
         nonlocal writer, ranges, n_docs
         name = f"{split}-{done['shards']:05d}"
-        atomic_write_text(os.path.join(out_dir, name + ".idx.json"), json.dumps({"shard": name + ".bin", "ranges": ranges}))
+        checks = writer.seal()  # the index before the shard: a published shard always has its checks
+        atomic_write_text(os.path.join(out_dir, name + ".idx.json"),
+                          json.dumps({"shard": name + ".bin", **checks, "ranges": ranges}))
         writer.close()
         done.update(shards=done["shards"] + 1, docs=done["docs"] + n_docs, tokens=done["tokens"] + writer.n_tokens)
         atomic_write_text(state_path, json.dumps(state, indent=1))

@@ -5,6 +5,7 @@
     rodin report runs/a runs/b --out=report                   # runs side by side
     rodin publish runs/demo --repo=my-org/demo                # a release on the Hugging Face Hub
     rodin supervise --run_dir=runs/NAME -- COMMAND ...        # relaunch a spot run until it completes
+    rodin shards data/tokens --full                           # every shard's tokens against their checksums
 
 `rodin COMMAND --help` gives each command's options. The scripts of the pipeline (train.py,
 sft.py, export.py, data/*.py) stay scripts: they are what a user edits.
@@ -20,6 +21,7 @@ COMMANDS = {
     "report": ("rodin.eval.report", "loss, throughput and scores of runs side by side"),
     "publish": ("rodin.ship.publish", "publish a run as a release on the Hugging Face Hub"),
     "supervise": ("rodin.spot.supervise", "relaunch a training run after a crash or a preemption"),
+    "shards": ("rodin.data.shards", "check token shards against their index (--full: every byte)"),
 }
 
 

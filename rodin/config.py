@@ -137,6 +137,7 @@ class TrainConfig:
     # path) that a fresh machine resumes from, and a webhook told of start/checkpoint/stop/crash/finish
     mirror: str = ""
     notify: str = ""
+    mirror_timeout_s: float = 900.0  # a mirror that has taken no checkpoint for this long is reported down; the run's end waits this long for its last upload
     # money (rodin/train/budget.py): the price of one GPU for an hour, in any currency, and a cap on what the run
     # spends over all its launches (0: none); at the cap it checkpoints and exits 0. A price alone only reports.
     price_per_hour: float = 0.0

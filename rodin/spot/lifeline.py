@@ -5,11 +5,12 @@ mirror (rodin/spot/mirror.py) and the webhook (rodin/spot/notify.py), both held 
         lifeline.restore()                       # a fresh machine: the newest mirrored checkpoint
         lifeline.send("start", step=0)
         lifeline.checkpointed(path, step, **figures)  # after every save: event + background upload
-        lifeline.wait_for_uploads()              # before exiting, so the last checkpoint is safe
+        lifeline.mirror_status()                 # with each logged step: backlog; mirror_down/back events
+        lifeline.wait_for_uploads()              # before exiting, at most --mirror_timeout_s
         lifeline.stopped(reason, step, ...)      # a run that stops before its end says why: an event too
 """
 
-from rodin.spot.mirror import Mirror
+from rodin.spot.mirror import Mirror, open_url
 from rodin.spot.notify import Notifier
 from rodin.train import checkpoint, distributed
 from rodin.train.guard import diverged_before, mark_diverged
@@ -20,9 +21,12 @@ STOP_EVENTS = {"budget": "budget", "stop_at_step": "paused", "diverged": "diverg
 class Lifeline:
     def __init__(self, cfg, run_dir):
         main = distributed.is_main()
-        self.run_dir, self.mirror_url = run_dir, cfg.mirror
+        self.run_dir, self.mirror_url, self.timeout_s = run_dir, cfg.mirror, cfg.mirror_timeout_s
+        if cfg.mirror:
+            open_url(cfg.mirror)  # every rank, before anything: a URL fsspec cannot open is refused everywhere
         self.notifier = Notifier(cfg.notify if main else "", cfg.name)
         self.mirror = Mirror(cfg.mirror, cfg.keep_checkpoints, cfg.keep_every) if cfg.mirror and main else None
+        self.down = False
 
     def __enter__(self):
         return self
@@ -75,7 +79,30 @@ class Lifeline:
         extra = {"rollbacks": len(guard.rollbacks), "skipped_steps": guard.skipped} if reason == "diverged" else {}
         self.notifier.send(STOP_EVENTS.get(reason, "preempted"), step=step, reason=reason, **extra, **budget.figures(steps_left))
 
+    def mirror_status(self):
+        """The mirror's backlog for metrics.jsonl and the progress bar ({} without one), with
+        "mirror_down" once it has taken no checkpoint for --mirror_timeout_s; the webhook hears
+        mirror_down when that starts and mirror_back when the backlog is uploaded."""
+        if self.mirror is None:
+            return {}
+        status = self.mirror.status()
+        down = status["mirror_backlog"] > 0 and status["mirror_behind_s"] > self.timeout_s
+        if down and not self.down:
+            self.notifier.send("mirror_down", url=self.mirror_url, **status)
+        elif self.down and status["mirror_backlog"] == 0:
+            self.notifier.send("mirror_back", url=self.mirror_url)
+        self.down = down
+        return dict(status, mirror_down=down)
+
     def wait_for_uploads(self):
-        if self.mirror is not None:
-            print(f"waiting for the upload to {self.mirror_url}")
-            self.mirror.close()
+        """Wait at most --mirror_timeout_s for the queued uploads; a mirror that does not take them
+        is said (and sent), and the checkpoints stay on this disk."""
+        if self.mirror is None:
+            return
+        print(f"waiting for the upload to {self.mirror_url} (at most --mirror_timeout_s={self.timeout_s:g} s)")
+        status = self.mirror.status()
+        if not self.mirror.close(timeout=self.timeout_s):
+            print(f"the mirror {self.mirror_url} did not take the last {status['mirror_backlog']} checkpoint(s) within "
+                  f"--mirror_timeout_s={self.timeout_s:g} s: they are on this disk only ({self.run_dir}); "
+                  "relaunch here, or copy them to the mirror, before this machine goes")
+            self.notifier.send("mirror_down", url=self.mirror_url, **status)

@@ -8,6 +8,10 @@ Frozen decisions:
 - Uploads run in one background thread from hard-linked snapshots, so the training step never
   waits and local pruning cannot pull a file from under an upload.
 - Restoring downloads into a temporary directory, verifies every checksum, then renames.
+- A mirror that raises or hangs never stops training: a failed upload is retried with backoff
+  (5 s doubling to 5 min) in the background while later checkpoints queue behind it (the backlog),
+  and status() says how far behind the mirror is, for the progress bar, metrics.jsonl and webhook.
+  close(timeout) waits a bounded time: a thread stuck in a hung call cannot be stopped, only left.
 """
 
 import hashlib
@@ -16,6 +20,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 import warnings
 
 import fsspec
@@ -32,14 +37,27 @@ def sha256(path):
     return digest.hexdigest()
 
 
+def open_url(url):
+    """(filesystem, root) of a mirror URL; ValueError naming --mirror and the fix if fsspec cannot open it."""
+    try:
+        return fsspec.core.url_to_fs(url.rstrip("/"))
+    except (ImportError, ValueError, OSError) as e:
+        raise ValueError(f"--mirror={url}: fsspec cannot open it ({str(e).splitlines()[0]}); install the filesystem of "
+                         "its scheme (s3fs for s3://, gcsfs for gs://, huggingface_hub for hf://) or give a path") from None
+
+
 class Mirror:
-    def __init__(self, url, keep=2, keep_every=0):
+    def __init__(self, url, keep=2, keep_every=0, retry_s=5.0, max_retry_s=300.0):
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = open_url(self.url)
         self.keep, self.keep_every = keep, keep_every  # as the run directory: the newest `keep` and the milestones
+        self.retry_s, self.max_retry_s = retry_s, max_retry_s
         self.queue = queue.Queue()
         self.errors = []
         self.thread = None
+        self.waiting = []  # submit times of the checkpoints not yet on the mirror, oldest first
+        self.failures = 0  # failed attempts since the last upload that succeeded
+        self.closing, self.given_up = threading.Event(), threading.Event()
 
     # ---- upload ---------------------------------------------------------------------------
 
@@ -47,8 +65,11 @@ class Mirror:
         """Queue a complete local checkpoint for upload; returns at once."""
         snapshot = self._snapshot(checkpoint_dir)
         if self.thread is None:
+            self.closing.clear()
+            self.given_up.clear()
             self.thread = threading.Thread(target=self._worker, name="rodin-mirror", daemon=True)
             self.thread.start()
+        self.waiting.append(time.time())
         self.queue.put((snapshot, on_done))
 
     def _snapshot(self, checkpoint_dir):
@@ -73,15 +94,36 @@ class Mirror:
                 return
             snapshot, on_done = item
             try:
-                remote = self.upload(snapshot)
-                if on_done:
+                remote = self.upload_until_done(snapshot)
+                if on_done and remote:
                     on_done(remote)
-            except Exception as e:  # a failed upload must not stop training; the next one retries
-                self.errors.append(e)
-                warnings.warn(f"{self.url}: upload of {snapshot} failed: {e}")
             finally:
                 shutil.rmtree(snapshot, ignore_errors=True)
+                self.waiting.pop(0)
                 self.queue.task_done()
+
+    def upload_until_done(self, snapshot):
+        """upload(), again after each failure with a doubling delay: a mirror down for ten minutes
+        costs nothing but the wait, and the checkpoints queued meanwhile follow once it answers."""
+        delay = self.retry_s
+        while not self.given_up.is_set():
+            try:
+                remote = self.upload(snapshot)
+                self.failures = 0
+                return remote
+            except Exception as e:  # any error of any filesystem: training must not stop for it
+                self.errors.append(e)
+                self.failures += 1
+                warnings.warn(f"{self.url}: upload of {os.path.basename(snapshot)} failed ({e}); retrying in {delay:.0f} s")
+                self.closing.wait(delay)  # at the run's end, retry at the shortest delay
+                delay = self.retry_s if self.closing.is_set() else min(2 * delay, self.max_retry_s)
+
+    def status(self):
+        """{"mirror_backlog": checkpoints not yet on the mirror, "mirror_behind_s": how long the
+        oldest of them has waited, "mirror_failures": failed attempts since the last success}."""
+        waiting = list(self.waiting)
+        return {"mirror_backlog": len(waiting), "mirror_behind_s": time.time() - waiting[0] if waiting else 0.0,
+                "mirror_failures": self.failures}
 
     def upload(self, checkpoint_dir):
         """Copy one checkpoint directory to the mirror, manifest last, then prune. Blocking."""
@@ -118,11 +160,19 @@ class Mirror:
         if self.thread is not None:
             self.queue.join()
 
-    def close(self):
-        if self.thread is not None:
-            self.queue.put(None)
-            self.thread.join()
-            self.thread = None
+    def close(self, timeout=None):
+        """Upload what is queued, waiting at most `timeout` seconds (None: as long as it takes);
+        whether everything reached the mirror. A worker stuck in a hung call is left behind."""
+        if self.thread is None:
+            return True
+        self.closing.set()
+        self.queue.put(None)
+        self.thread.join(timeout)
+        done = not self.thread.is_alive()
+        if not done:
+            self.given_up.set()  # no more retries; a call that hangs stays hung, in a daemon thread
+        self.thread = None
+        return done
 
     # ---- restore --------------------------------------------------------------------------
 

@@ -12,8 +12,13 @@ Either format loads into a model sharded or not: DCP reshards, and a safetensors
 rank 0 alone and broadcast into the shards.
 Saves are synchronous: RODIN-1B's weights and moments are ~15 GB, seconds to write every few
 hundred steps, and a save that is finished is the one a SIGTERM can rely on.
+A disk that fills during a save loses only that save: its step-N.tmp/ is removed, the checkpoints
+the save would have pruned after it are pruned before it, and it is tried once more; if the disk
+is still full the run stops with one line (the newest complete checkpoint is untouched).
 """
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -92,29 +97,86 @@ def is_dcp(path):
     return os.path.exists(os.path.join(path, ".metadata"))
 
 
+class DiskFull(Exception):
+    """A save that ran out of disk space; its partial directory is already removed."""
+
+
+def is_disk_full(error):
+    """An OSError of a full disk (or quota), or DCP's CheckpointException of one on any rank."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    failures = getattr(error, "failures", None) or {}  # {rank: (exception, traceback)}
+    return any(is_disk_full(exception) for exception, _ in failures.values())
+
+
 def save(run_dir, step, model, optimizer, meta, keep, keep_every=0):
     """Write checkpoint `step` atomically, then prune to the newest `keep` and the milestones
     (steps that are multiples of keep_every > 0). meta: JSON-able dict.
-    Under torchrun every rank must call it (the sharded state is written collectively)."""
-    if is_sharded_run():
-        return save_sharded(run_dir, step, model, optimizer, meta, keep, keep_every)
+    Under torchrun every rank must call it (the sharded state is written collectively).
+    A full disk: prune first and try once more, else ValueError (one line)."""
+    write = save_sharded if is_sharded_run() else save_single
+    try:
+        return write(run_dir, step, model, optimizer, meta, keep, keep_every)
+    except DiskFull:
+        freed = make_room(run_dir, keep, keep_every)
+        if freed:
+            warnings.warn(f"{checkpoint_root(run_dir)}: disk full writing step {step}; removed "
+                          f"{', '.join(freed)} (due for pruning after this save) and trying again")
+            try:
+                return write(run_dir, step, model, optimizer, meta, keep, keep_every)
+            except DiskFull:
+                pass
+    newest = latest(run_dir)
+    raise ValueError(f"{checkpoint_root(run_dir)}: disk full, checkpoint step {step} not written (its partial files removed; "
+                     f"the newest complete one, {newest and os.path.basename(newest)}, is intact); free space there or "
+                     "lower --keep_checkpoints/--keep_every, then relaunch the same command to resume") from None
+
+
+def make_room(run_dir, keep, keep_every):
+    """Delete the checkpoints a save would prune after it (never the newest complete one, nor a
+    milestone); their names. Under torchrun rank 0 deletes and every rank gets the names."""
+    freed = []
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for path in prunable(complete_checkpoints(run_dir), keep - 1, keep_every):
+            shutil.rmtree(path, ignore_errors=True)
+            freed.append(os.path.basename(path))
+    if dist.is_initialized():
+        box = [freed]
+        dist.broadcast_object_list(box, src=0)
+        freed = box[0]
+    return freed
+
+
+def save_single(run_dir, step, model, optimizer, meta, keep, keep_every=0):
     root = checkpoint_root(run_dir)
     final = os.path.join(root, f"step-{step:07d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    opt_tensors, param_groups = optimizer_tensors(optimizer)
-    save_file(model_tensors(model), os.path.join(tmp, "model.safetensors"))
-    save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-    save_file(rng_tensors(), os.path.join(tmp, "rng.safetensors"))
-    copy_record(run_dir, tmp)
-    with open(os.path.join(tmp, "trainer.json"), "w") as f:
-        json.dump(dict(meta, step=step, optimizer_param_groups=param_groups), f, indent=2)
-    files = sorted(os.listdir(tmp))
-    for name in files:
-        fsync_file(os.path.join(tmp, name))
-    commit(run_dir, tmp, final, step, files, keep, keep_every)
+    with removed_if_disk_full(tmp):
+        os.makedirs(tmp)
+        opt_tensors, param_groups = optimizer_tensors(optimizer)
+        save_file(model_tensors(model), os.path.join(tmp, "model.safetensors"))
+        save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+        save_file(rng_tensors(), os.path.join(tmp, "rng.safetensors"))
+        copy_record(run_dir, tmp)
+        with open(os.path.join(tmp, "trainer.json"), "w") as f:
+            json.dump(dict(meta, step=step, optimizer_param_groups=param_groups), f, indent=2)
+    commit(run_dir, tmp, final, step, keep, keep_every)
     return final
+
+
+@contextlib.contextmanager
+def removed_if_disk_full(tmp):
+    """Writes into a checkpoint's tmp directory: a full disk removes it and raises DiskFull."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        yield
+    except (OSError, dcp.CheckpointException) as e:  # DCP raises one rank's OSError on every rank, wrapped
+        if not is_disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DiskFull(tmp) from None
 
 
 RECORD = ("metrics.jsonl", "samples.md", "loss.png")  # the run's record, copied into each checkpoint as record-NAME
@@ -137,10 +199,15 @@ def restore_record(path, run_dir):
             shutil.copyfile(os.path.join(path, "record-" + name), os.path.join(run_dir, name))
 
 
-def commit(run_dir, tmp, final, step, files, keep, keep_every=0):
-    """The manifest (file sizes) last, then the rename: before it the checkpoint does not exist."""
-    sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in files}
-    atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps({"step": step, "files": sizes}, indent=2))
+def commit(run_dir, tmp, final, step, keep, keep_every=0):
+    """Every file fsynced, the manifest (file sizes) last, then the rename: before it the checkpoint
+    does not exist. A full disk removes tmp and raises DiskFull."""
+    with removed_if_disk_full(tmp):
+        files = sorted(os.listdir(tmp))
+        for name in files:
+            fsync_file(os.path.join(tmp, name))
+        sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in files}
+        atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps({"step": step, "files": sizes}, indent=2))
     if os.path.exists(final):
         shutil.rmtree(final)  # re-saving a step after a restart
     os.replace(tmp, final)
@@ -173,20 +240,36 @@ def save_sharded(run_dir, step, model, optimizer, meta, keep, keep_every=0):
         os.makedirs(tmp)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, parts(optimizer))
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
-    save_file(rng_tensors(), os.path.join(tmp, f"rng-rank{rank}.safetensors"))
-    if rank == 0:
-        copy_record(run_dir, tmp)
-        with open(os.path.join(tmp, "trainer.json"), "w") as f:
-            json.dump(dict(meta, step=step, world_size=dist.get_world_size(), format="dcp"), f, indent=2)
-    dist.barrier()  # every rank's files are on disk
-    if rank == 0:
-        files = sorted(os.listdir(tmp))
-        for name in files:
-            fsync_file(os.path.join(tmp, name))
-        commit(run_dir, tmp, final, step, files, keep, keep_every)
-    dist.barrier()
+    full = False
+    try:
+        with removed_if_disk_full(tmp):
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+            save_file(rng_tensors(), os.path.join(tmp, f"rng-rank{rank}.safetensors"))
+            if rank == 0:
+                copy_record(run_dir, tmp)
+                with open(os.path.join(tmp, "trainer.json"), "w") as f:
+                    json.dump(dict(meta, step=step, world_size=dist.get_world_size(), format="dcp"), f, indent=2)
+    except DiskFull:
+        full = True
+    if agree_any(full):  # every rank's files are on disk, or every rank gives up this save
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # again: another rank may have written since
+        raise DiskFull(tmp)
+    try:
+        if rank == 0:
+            commit(run_dir, tmp, final, step, keep, keep_every)
+    except DiskFull:
+        full = True
+    if agree_any(full):
+        raise DiskFull(tmp)
     return final
+
+
+def agree_any(flag):
+    """Whether any rank raised the flag (also a barrier)."""
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def verify(path):

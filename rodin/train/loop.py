@@ -144,7 +144,7 @@ def run_steps(cfg, state, **parts):
 
 
 def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_fn, run_eval, save_checkpoint, log,
-          sequences_at, tokens_in, budget, flops_per_token=None, peak=None, sample=None, notify=None):
+          sequences_at, tokens_in, budget, flops_per_token=None, peak=None, sample=None, notify=None, status=None):
     """The step loop that pretraining and SFT share: schedule, step, log, evaluate, checkpoint (every
     cfg.ckpt_every steps, every cfg.ckpt_every_minutes, at milestones), and stop at the same step on
     every rank when a signal arrives or the budget (a rodin.train.budget.Budget) is spent.
@@ -155,6 +155,7 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
     tokens_in(batch): the tokens this rank's micro-batch counts for (summed over ranks each step).
     run_eval(): {"val_loss": …, …}. log: a RunLog, or None on ranks other than 0.
     sample(step): called every cfg.sample_every steps. notify(event, **fields): the webhook.
+    status(): more figures for each logged record (the mirror's: rodin.spot.lifeline.Lifeline.mirror_status).
     Returns (last loss, stop reason or None); the reason "budget" when the cap stopped the run,
     "diverged" when the guard did."""
     world = distributed.world_size()
@@ -247,6 +248,8 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
                 record["mfu"] = tokens_per_s * flops_per_token / (peak * world)
             budget.measure(step)
             record.update(budget.figures(cfg.max_steps - step))
+            if status is not None:
+                record.update(status())
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 record.update(run_eval())
             if log is not None:
@@ -258,7 +261,8 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
                                 **({"spent": f"{record['cost']:.2f}"} if "cost" in record else {}),
                                 **({"to_finish": f"{record['cost_to_finish']:.2f}"} if "cost_to_finish" in record else {}),
                                 **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}),
-                                **({"skipped": guard.skipped} if guard is not None and guard.skipped else {}))
+                                **({"skipped": guard.skipped} if guard is not None and guard.skipped else {}),
+                                **({"mirror": f"down, {record['mirror_backlog']} queued"} if record.get("mirror_down") else {}))
                 if "val_loss" in record:
                     log.plot()
             last_time, last_step, last_tokens = time.time(), step, state["tokens_seen"]

@@ -2,6 +2,9 @@
 
 import json
 import os
+import re
+import threading
+import time
 
 import pytest
 import torch
@@ -140,3 +143,82 @@ def test_training_reports_its_events_to_a_webhook_and_ignores_a_dead_one(demo_da
     assert [r["event"] for r in received] == ["start", "checkpoint", "checkpoint", "finish"]
     with pytest.warns(UserWarning, match="not delivered"):
         assert train.main(common + [f"--out_dir={tmp_path}", "--name=b", "--notify=http://127.0.0.1:9/"]) == 0
+
+
+def wait_until(condition, timeout=20):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.mark.filterwarnings("ignore:.*retrying")
+def test_a_mirror_that_stops_answering_is_retried_in_the_background_and_takes_the_backlog_when_back(
+        tmp_path, run_with_checkpoints, monkeypatch):
+    run_dir, paths = run_with_checkpoints
+    mirror = Mirror(str(tmp_path / "remote"), keep=2, retry_s=0.01, max_retry_s=0.05)
+    answering, real_put = threading.Event(), mirror.fs.put_file
+
+    def put_file(*args, **kwargs):
+        if not answering.is_set():
+            raise ConnectionError("mirror unreachable")
+        return real_put(*args, **kwargs)
+
+    monkeypatch.setattr(mirror.fs, "put_file", put_file)
+    start = time.time()
+    for path in paths:
+        mirror.submit(path)
+    assert time.time() - start < 1  # the training step never waits for the mirror
+    wait_until(lambda: mirror.status()["mirror_failures"] >= 3)  # retried, with backoff
+    assert mirror.status()["mirror_backlog"] == 3 and mirror.complete() == []
+    answering.set()
+    mirror.wait()
+    assert mirror.status() == {"mirror_backlog": 0, "mirror_behind_s": 0.0, "mirror_failures": 0}
+    assert mirror.complete() == ["step-0000002", "step-0000003"] and "unreachable" in str(mirror.errors[0])
+    assert mirror.close()
+
+
+def test_a_hung_mirror_holds_the_end_of_a_run_no_longer_than_its_timeout(tmp_path, run_with_checkpoints, monkeypatch):
+    run_dir, paths = run_with_checkpoints
+    mirror = Mirror(str(tmp_path / "remote"))
+    hung = threading.Event()
+    monkeypatch.setattr(mirror.fs, "put_file", lambda *args, **kwargs: hung.wait())
+    mirror.submit(paths[-1])
+    start = time.time()
+    assert mirror.close(timeout=0.3) is False
+    assert 0.3 <= time.time() - start < 2
+    hung.set()
+
+
+def test_a_mirror_url_fsspec_cannot_open_is_refused_before_the_first_step(demo_data, tmp_path):
+    import train
+
+    with pytest.raises(ValueError, match=r"--mirror=nosuch://bucket/run: fsspec cannot open it .* install the filesystem"):
+        train.main(["--preset=test", f"--data_dir={demo_data['dir']}", f"--tokenizer={demo_data['tokenizer']}",
+                    f"--out_dir={tmp_path}", "--mirror=nosuch://bucket/run"])
+    assert not (tmp_path / "demo").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.filterwarnings("ignore:.*retrying")
+def test_a_mirror_that_never_comes_back_is_reported_in_the_metrics_the_webhook_and_at_the_end(
+        demo_data, tmp_path, webhook, monkeypatch, capsys):
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    import train
+
+    def down(*args, **kwargs):
+        raise ConnectionError("mirror unreachable")
+
+    monkeypatch.setattr(MemoryFileSystem, "put_file", down)
+    url, received = webhook
+    assert train.main(["--preset=test", f"--data_dir={demo_data['dir']}", f"--tokenizer={demo_data['tokenizer']}",
+                       f"--out_dir={tmp_path}", "--name=run", "--max_steps=6", "--ckpt_every=2", "--eval_every=100",
+                       "--mirror=memory://rodin-down", "--mirror_timeout_s=0", f"--notify={url}"]) == 0
+    assert re.search(r"the mirror memory://rodin-down did not take the last \d checkpoint\(s\) within "
+                     r"--mirror_timeout_s=0 s: they are on this disk only", capsys.readouterr().out)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f if "mirror_backlog" in line]
+    assert rows[-1]["mirror_backlog"] == 2 and rows[-1]["mirror_failures"] >= 1 and rows[-1]["mirror_down"]
+    assert checkpoint.latest(tmp_path / "run").endswith("step-0000006")  # training went on
+    events = [r["event"] for r in received]
+    assert events[-1] == "finish" and "mirror_down" in events and "mirrored" not in events

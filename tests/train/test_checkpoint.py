@@ -59,3 +59,73 @@ def test_partial_and_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path):
         assert checkpoint.latest(tmp_path) == good
     messages = " ".join(str(w.message) for w in caught)
     assert "step-0000003.tmp" in messages and "step-0000002" in messages and "wrong size" in messages
+
+
+def fill_disk(monkeypatch, after_files=0, forever=True):
+    """Patch the checkpoint writer: past `after_files` files it writes half a file and raises
+    OSError(ENOSPC), every time (forever) or once."""
+    import errno
+
+    real, calls = checkpoint.save_file, []
+
+    def writer(tensors, path):
+        calls.append(path)
+        if len(calls) > after_files and (forever or len(calls) == after_files + 1):
+            real(tensors, path)
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) // 2)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real(tensors, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", writer)
+
+
+def names(run_dir):
+    return sorted(os.listdir(checkpoint.checkpoint_root(run_dir)))
+
+
+def test_a_disk_full_during_a_save_prunes_early_and_the_run_continues(tmp_path, monkeypatch):
+    model, optimizer = trained_pair()
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, model, optimizer, {}, keep=2)
+    fill_disk(monkeypatch, forever=False)
+    with pytest.warns(UserWarning, match=r"disk full writing step 3; removed step-0000001 .*trying again"):
+        path = checkpoint.save(tmp_path, 3, model, optimizer, {}, keep=2)
+    assert names(tmp_path) == ["step-0000002", "step-0000003"] and checkpoint.latest(tmp_path) == path
+
+
+def test_a_disk_that_stays_full_stops_with_one_line_and_the_latest_checkpoint_intact(tmp_path, monkeypatch):
+    model, optimizer = trained_pair()
+    for step in (1, 2):
+        checkpoint.save(tmp_path, step, model, optimizer, {}, keep=2)
+    with open(os.path.join(checkpoint.checkpoint_root(tmp_path), "step-0000002", "model.safetensors"), "rb") as f:
+        before = f.read()
+    fill_disk(monkeypatch, after_files=1)
+    with pytest.warns(UserWarning, match="trying again"), pytest.raises(ValueError) as stop:
+        checkpoint.save(tmp_path, 3, model, optimizer, {}, keep=2)
+    assert len(str(stop.value).splitlines()) == 1
+    assert "disk full, checkpoint step 3 not written" in str(stop.value) and "step-0000002, is intact" in str(stop.value)
+    assert names(tmp_path) == ["step-0000002"]  # no step-0000003.tmp left behind
+    assert checkpoint.latest(tmp_path).endswith("step-0000002")
+    with open(os.path.join(checkpoint.latest(tmp_path), "model.safetensors"), "rb") as f:
+        assert f.read() == before
+
+
+def test_a_run_whose_disk_fills_once_goes_on_and_ends_as_an_uninterrupted_run(demo_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import train
+
+    def run(out_dir):
+        argv = ["--preset=test", f"--data_dir={demo_data['dir']}", f"--tokenizer={demo_data['tokenizer']}",
+                f"--out_dir={out_dir}", "--name=run", "--max_steps=8", "--ckpt_every=2", "--eval_every=100"]
+        assert train.main(argv) == 0
+        return checkpoint.latest(out_dir / "run")
+
+    straight = run(tmp_path / "straight")
+    fill_disk(monkeypatch, after_files=7, forever=False)  # the third checkpoint (step 6) hits a full disk once
+    with pytest.warns(UserWarning, match="disk full writing step 6; removed step-0000002"):
+        full = run(tmp_path / "full")
+    assert names(tmp_path / "full" / "run") == ["step-0000006", "step-0000008"]
+    a, b = (load_file(os.path.join(p, "model.safetensors")) for p in (straight, full))
+    assert all(a[k].equal(b[k]) for k in a)
