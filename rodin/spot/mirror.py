@@ -10,7 +10,6 @@ Frozen decisions:
 - Restoring downloads into a temporary directory, verifies every checksum, then renames.
 """
 
-import hashlib
 import json
 import os
 import queue
@@ -20,16 +19,8 @@ import warnings
 
 import fsspec
 
-from rodin.io import atomic_write_text, fsync_dir
+from rodin.io import atomic_write_text, fsync_dir, sha256
 from rodin.train.checkpoint import MANIFEST, checkpoint_root, prunable, verify
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class Mirror:
