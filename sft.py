@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=8 sft.py --preset=gpu-demo --init_from=runs/lucie-7b --data=... [--key=value ...]
 
 Frozen decisions:
-- The model shape and tokenizer are the init_from checkpoint's; only its weights are taken (a
+- The model shape and tokenizer are the init_from checkpoint's, or those of a Hugging Face Llama
+  (a directory or hf:ORG/NAME[@revision], rodin.train.init_from); only its weights are taken (a
   fresh optimizer), and a tokenizer without <|im_start|>/<|im_end|> is refused.
 - The loss covers assistant tokens only, their <|im_end|> included; conversations are packed
   with document masking (--pack=false: one per row, padded) and never split across rows.
@@ -28,7 +29,7 @@ from rodin.data.tokenizer import copy_into_run
 from rodin.eval.chat import chat_reply, open_chat_tokenizer
 from rodin.model import ModelConfig
 from rodin.spot.lifeline import Lifeline
-from rodin.train import checkpoint, distributed, fp8, preflight
+from rodin.train import checkpoint, distributed, fp8, init_from, preflight
 from rodin.train.budget import Budget
 from rodin.train.device import autocast, peak_flops
 from rodin.train.guard import DIVERGED, guard_for
@@ -77,16 +78,24 @@ def finetune(cfg, device, lifeline):
         return DIVERGED
     # a run that has a checkpoint resumes from it and no longer needs init_from
     ckpt = checkpoint.latest(run_dir)
-    if ckpt is None:
-        init_ckpt = checkpoint.resolve(cfg.init_from)
-        if os.path.abspath(init_ckpt).startswith(os.path.abspath(run_dir) + os.sep):
-            raise ValueError(f"--init_from={cfg.init_from} is this run's own directory; fine-tune into another --name")
-    source = ckpt or init_ckpt
-    source_meta = checkpoint.read_meta(source)
-    init_ckpt = source_meta["init_from"] if ckpt else init_ckpt
-    tokenizer = open_chat_tokenizer(source, source_meta, cfg.tokenizer or None)
-    # the run's config.json then names the model and tokenizer it holds, as a pretraining run's does
-    cfg = dataclasses.replace(cfg, model=ModelConfig(**source_meta["config"]["model"]), tokenizer=tokenizer.path)
+    from_hf = ckpt is None and init_from.is_hf(cfg.init_from)
+    if from_hf:
+        # the run's config.json then names the model and tokenizer it holds, as a pretraining run's does
+        source, init_ckpt = cfg.init_from, cfg.init_from
+        cfg, tokenizer = init_from.run_config(cfg)
+        if not tokenizer.has_chat_tokens:
+            raise ValueError(f"{tokenizer.path}: no <|im_start|>/<|im_end|> tokens, so chat turns cannot be marked as "
+                             "single tokens; fine-tune a model whose tokenizer has them")
+    else:
+        if ckpt is None:
+            init_ckpt = checkpoint.resolve(cfg.init_from)
+            if os.path.abspath(init_ckpt).startswith(os.path.abspath(run_dir) + os.sep):
+                raise ValueError(f"--init_from={cfg.init_from} is this run's own directory; fine-tune into another --name")
+        source = ckpt or init_ckpt
+        source_meta = checkpoint.read_meta(source)
+        init_ckpt = source_meta["init_from"] if ckpt else init_ckpt
+        tokenizer = open_chat_tokenizer(source, source_meta, cfg.tokenizer or None)
+        cfg = dataclasses.replace(cfg, model=ModelConfig(**source_meta["config"]["model"]), tokenizer=tokenizer.path)
     if cfg.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"--seq_len={cfg.seq_len} exceeds the max_seq_len={cfg.model.max_seq_len} of {source}")
     cfg, batch_choice = choose_batch(cfg, world, device)  # --global_batch, --micro_batch_size=auto
@@ -128,10 +137,14 @@ def finetune(cfg, device, lifeline):
     model = distributed.build_model(cfg, device, init_weights=False, varying_length=True)
     optimizer = optimizer_for(model, cfg)
     loss_fn = make_loss_fn(cfg.loss_chunk)
-    step, tokens_seen = 0, 0
+    step, tokens_seen, origin = 0, 0, None
     if ckpt is not None:
         step, tokens_seen = checkpoint.resume(ckpt, meta, model, optimizer, batches)
+        origin = meta.get("origin")
         say(f"resuming from {ckpt} (step {step}, {tokens_seen:,} tokens{', ' + note if note else ''})")
+    elif from_hf:
+        origin = init_from.start(cfg.init_from, model, is_main)
+        say(f"fine-tuning {cfg.init_from} (a Hugging Face Llama)")
     else:
         checkpoint.load(init_ckpt, model, restore_rng_state=False)
         say(f"fine-tuning {init_ckpt}")
@@ -140,6 +153,8 @@ def finetune(cfg, device, lifeline):
     if is_main:
         save_config(cfg, os.path.join(run_dir, "config.json"))
         copy_into_run(tokenizer, run_dir)  # the run works without data/ (chat, export, eval, --init_from)
+        if origin:
+            init_from.write_origin(run_dir, origin)
         log = RunLog(run_dir, dict(config_to_dict(cfg), world_size=world), cfg.wandb, resume_step=step)
     say(f"model: {model.num_params():,} parameters | {world} x {device.type}{' (FSDP2)' if world > 1 else ''} | "
         f"{fp8.precision(cfg, device)} | {cfg.optimizer}")
@@ -148,7 +163,7 @@ def finetune(cfg, device, lifeline):
 
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "data_fingerprint": train_rows.fingerprint(),
-                "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "world_size": world,
+                "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "origin": origin, "world_size": world,
                 "global_batch": global_batch, "budget": budget.state_dict(),
                 "guard": state["guard"] and state["guard"].state_dict()}
         path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints, cfg.keep_every)

@@ -26,7 +26,7 @@ from rodin.config import config_to_dict, parse_args, save_config
 from rodin.data.batches import TrainBatches, Windows, eval_batches, find_shards, held_out_sets
 from rodin.data.tokenizer import Tokenizer, copy_into_run
 from rodin.spot.lifeline import Lifeline
-from rodin.train import checkpoint, distributed, fp8, preflight
+from rodin.train import checkpoint, distributed, fp8, init_from, preflight
 from rodin.train.bits_per_byte import bytes_per_token, loss_to_bpb, token_byte_lengths
 from rodin.train.budget import Budget
 from rodin.train.device import autocast, peak_flops
@@ -84,6 +84,12 @@ def train(cfg, device, lifeline):
     budget = Budget(cfg.price_per_hour, cfg.max_cost, world)  # this launch's meter starts now
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
+    from_hf = init_from.is_hf(cfg.init_from)
+    if from_hf:  # the model shape and tokenizer are the HF model's
+        if cfg.init_optimizer:
+            raise ValueError(f"--init_optimizer=true: {cfg.init_from} is a Hugging Face model and holds no optimizer state; "
+                             "add --init_optimizer=false")
+        cfg, _ = init_from.run_config(cfg)
     cfg, batch_choice = choose_batch(cfg, world, device)  # --global_batch, --micro_batch_size=auto
     if batch_choice:
         say(f"batch: {batch_choice}")
@@ -124,10 +130,14 @@ def train(cfg, device, lifeline):
     model = distributed.build_model(cfg, device, init_weights=ckpt is None and not cfg.init_from)
     optimizer = optimizer_for(model, cfg)
     loss_fn = make_loss_fn(cfg.loss_chunk)
-    step, tokens_seen = 0, 0
+    step, tokens_seen, origin = 0, 0, None
     if ckpt is not None:
         step, tokens_seen = checkpoint.resume(ckpt, meta, model, optimizer, batches)
+        origin = meta.get("origin")
         say(f"resuming from {ckpt} (step {step}, {tokens_seen:,} tokens{', ' + note if note else ''})")
+    elif from_hf:
+        origin = init_from.start(cfg.init_from, model, is_main)
+        say(f"continuing {cfg.init_from} (a Hugging Face Llama) with a fresh optimizer")
     elif cfg.init_from:
         source = checkpoint.resolve(cfg.init_from)
         meta = checkpoint.read_meta(source)
@@ -141,6 +151,8 @@ def train(cfg, device, lifeline):
     if is_main:
         save_config(cfg, os.path.join(run_dir, "config.json"))
         copy_into_run(tokenizer, run_dir)  # the run works without data/ (chat, export, eval, --init_from)
+        if origin:
+            init_from.write_origin(run_dir, origin)
         log = RunLog(run_dir, dict(config_to_dict(cfg), world_size=world), cfg.wandb, resume_step=step)
 
     flops_per_token = model.flops_per_token(cfg.seq_len)
@@ -154,7 +166,7 @@ def train(cfg, device, lifeline):
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "config": config_to_dict(cfg),
                 "tokenizer": tokenizer.fingerprint, "world_size": world, "global_batch": full_batch,
-                "budget": budget.state_dict(),
+                "budget": budget.state_dict(), "origin": origin,
                 "guard": state["guard"] and state["guard"].state_dict()}
         path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints, cfg.keep_every)
         lifeline.checkpointed(path, state["step"], **budget.figures(cfg.max_steps - state["step"]))

@@ -111,7 +111,9 @@ class TrainConfig:
     rollback_lr_factor: float = 0.5
     # a new phase from another run's checkpoint (a run directory or a step-N directory): its weights,
     # and its optimizer moments if init_optimizer; step, schedule and data start afresh. The model may
-    # differ in max_seq_len and rope_theta only (context extension).
+    # differ in max_seq_len and rope_theta only (context extension). Or a Hugging Face Llama (a directory
+    # with config.json and safetensors, or hf:ORG/NAME[@revision] from the Hub): its shape and tokenizer
+    # replace the preset's, and it has no optimizer state (--init_optimizer=false)
     init_from: str = ""
     init_optimizer: bool = True
     # memory savers (each changes memory or speed, not results)
@@ -265,7 +267,7 @@ PRESETS = {
 class SFTConfig(TrainConfig):
     """A chat fine-tuning run (sft.py). The model shape and the tokenizer are those of the
     checkpoint it starts from (init_from); data_dir is unused."""
-    init_from: str = "runs/demo"  # a run directory (its newest checkpoint) or one checkpoint directory
+    init_from: str = "runs/demo"  # a run directory (its newest checkpoint), one checkpoint directory, or an HF Llama (directory or hf:ORG/NAME[@revision])
     data: str = "data/littre-sft.jsonl.gz"  # a local .jsonl[.gz] in the messages format, or a Hub dataset name
     data_split: str = "train"  # the split of a Hub dataset
     val_fraction: float = 0.02  # held out by a hash of each conversation

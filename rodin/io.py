@@ -5,6 +5,7 @@ directory so the rename itself survives a power cut. Figures (loss.png, the repo
 card's) are saved the same way, through save_figure.
 """
 
+import hashlib
 import os
 import tempfile
 
@@ -36,6 +37,15 @@ def atomic_write_bytes(path, data):
 
 def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256(path):
+    """Hex sha256 of a file, read in blocks (checkpoints and model weights do not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_file(path):

@@ -72,6 +72,34 @@ def demo_data(tmp_path_factory, corpus_slice):
     return {"dir": str(out), "tokenizer": tokenizer}
 
 
+def save_transformers_llama(out, tokenizer_path, dtype=torch.float32, max_shard_size="1GB"):
+    """A LlamaForCausalLM made and saved by transformers itself (random weights, safetensors): the
+    test shape with GQA, untied embeddings, RoPE θ 500,000 and wide weights (std 0.1, clear argmaxes),
+    and a SentencePiece tokenizer.model beside it. Returns the transformers model."""
+    import shutil
+
+    import transformers
+
+    shape = MODELS["test"]
+    config = transformers.LlamaConfig(vocab_size=shape.vocab_size, hidden_size=shape.dim, intermediate_size=shape.ffn_dim,
+                                      num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads, num_key_value_heads=2,
+                                      max_position_embeddings=128, rope_theta=500000.0, rms_norm_eps=1e-5,
+                                      tie_word_embeddings=False, initializer_range=0.1, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    model.save_pretrained(str(out), max_shard_size=max_shard_size)
+    shutil.copy(tokenizer_path, os.path.join(str(out), "tokenizer.model"))
+    return model
+
+
+@pytest.fixture(scope="session")
+def transformers_llama(demo_data, tmp_path_factory):
+    """(directory, model) of save_transformers_llama with the demo_data tokenizer; do not modify it."""
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("hf") / "llama"
+    return str(out), save_transformers_llama(out, demo_data["tokenizer"])
+
+
 @pytest.fixture
 def webhook():
     """A JSON webhook on 127.0.0.1: yields (url, list of the payloads it received)."""

@@ -1,5 +1,6 @@
-"""Our LLaMA <-> Hugging Face LlamaForCausalLM: names, config, the export directory, and loading
-an HF Llama checkpoint back into our model.
+"""Our LLaMA -> Hugging Face LlamaForCausalLM: config, tokenizer and the export directory (the
+names, and reading an HF Llama back into our model, are rodin.train.init_from's: training starts
+from one).
 
 Frozen decisions:
 - Both use the rotate-half RoPE layout, so weights map one to one by name, with no permutation.
@@ -15,50 +16,15 @@ import os
 import re
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rodin.data import chatml
 from rodin.io import atomic_write_bytes, atomic_write_text, fsync_file
-from rodin.model import LLaMA, ModelConfig, rope_cos_sin
+from rodin.model import ModelConfig
+from rodin.train.hf_llama import hf_name
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-_LAYER_NAMES = {
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-              "output.weight": "lm_head.weight"}
-
-
-def hf_name(name):
-    if name in _TOP_NAMES:
-        return _TOP_NAMES[name]
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)\.weight", name)
-    if not m or m.group(2) not in _LAYER_NAMES:
-        raise KeyError(f"no Hugging Face name for parameter {name}")
-    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.weight"
-
-
-def rodin_name(hf):
-    reverse = {hf_name(k): k for k in _TOP_NAMES}
-    if hf in reverse:
-        return reverse[hf]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf)
-    inverse = {v: k for k, v in _LAYER_NAMES.items()}
-    if not m or m.group(2) not in inverse:
-        raise KeyError(f"unknown Hugging Face Llama parameter {hf}")
-    return f"layers.{m.group(1)}.{inverse[m.group(2)]}.weight"
-
 
 def to_hf_state_dict(model):
     """HF-named tensors; a tied lm_head is left out, as transformers itself saves it."""
@@ -66,10 +32,6 @@ def to_hf_state_dict(model):
     if model.cfg.tie_embeddings:
         state.pop("output.weight")
     return {hf_name(k): v for k, v in state.items()}
-
-
-def from_hf_state_dict(tensors):
-    return {rodin_name(k): v for k, v in tensors.items()}
 
 
 def hf_config(cfg: ModelConfig, bos_id=1, eos_id=2, pad_id=None, torch_dtype="float32"):
@@ -98,24 +60,6 @@ def hf_config(cfg: ModelConfig, bos_id=1, eos_id=2, pad_id=None, torch_dtype="fl
         "pad_token_id": pad_id,
         "torch_dtype": torch_dtype,
     }
-
-
-def model_config_from_hf(config):
-    """Our ModelConfig from a transformers LlamaConfig (or its config.json as a dict)."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    rope = get("rope_parameters") or {}
-    theta = rope.get("rope_theta") if isinstance(rope, dict) and "rope_theta" in rope else get("rope_theta", 10000.0)
-    scaling = get("rope_scaling") or {}  # transformers v4's name for a non-default RoPE
-    for r in (rope, scaling):
-        kind = r.get("rope_type", r.get("type", "default")) if isinstance(r, dict) else "default"
-        if kind not in ("default", None):
-            raise ValueError(f"RoPE scaling {kind!r} is not supported by rodin's model")
-    if get("attention_bias", False) or get("mlp_bias", False):
-        raise ValueError("attention or MLP biases are not supported by rodin's model")
-    return ModelConfig(dim=get("hidden_size"), n_layers=get("num_hidden_layers"), n_heads=get("num_attention_heads"),
-                       n_kv_heads=get("num_key_value_heads") or get("num_attention_heads"), ffn_dim=get("intermediate_size"),
-                       vocab_size=get("vocab_size"), max_seq_len=get("max_position_embeddings"), rope_theta=float(theta),
-                       norm_eps=get("rms_norm_eps"), tie_embeddings=bool(get("tie_word_embeddings", False)))
 
 
 # ---- tokenizer ----------------------------------------------------------------------------------
@@ -310,61 +254,3 @@ def write_hf(out_dir, model, tokenizer, dtype="f32", name="rodin", info=(), max_
     for file, data in tokenizer_files(tokenizer, cfg.max_seq_len).items():
         atomic_write_bytes(os.path.join(out_dir, file), data)
     return out_dir
-
-
-# ---- loading an HF Llama into our model -------------------------------------------------------------
-
-def read_hf_tensors(path):
-    """{HF name: tensor} from model.safetensors or the shards of model.safetensors.index.json."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
-                                "(download the safetensors weights of the checkpoint)")
-    tensors = {}
-    for file in files:
-        with safe_open(os.path.join(path, file), framework="pt") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
-    return tensors
-
-
-def load_hf_model(path, dtype=torch.float32, device="cpu"):
-    """Our LLaMA with the weights of an HF LlamaForCausalLM directory (config.json + safetensors),
-    e.g. a downloaded RODIN-1B or Lucie-7B, for continued pretraining or SFT."""
-    config_path = os.path.join(path, "config.json")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{config_path}: not a readable Hugging Face config ({e})") from None
-    if config.get("model_type") != "llama":
-        raise ValueError(f"{config_path}: model_type is {config.get('model_type')!r}; only Llama checkpoints load into rodin")
-    try:
-        cfg = model_config_from_hf(config)
-    except (TypeError, KeyError) as e:
-        raise ValueError(f"{config_path}: incomplete Llama config ({e})") from None
-    except ValueError as e:
-        raise ValueError(f"{config_path}: {e}") from None
-    tensors = read_hf_tensors(path)
-    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_embeddings:
-        tensors.pop("lm_head.weight", None)
-    state = from_hf_state_dict(tensors)
-    with torch.device("meta"):
-        model = LLaMA(cfg)
-    model = model.to_empty(device=device)  # no random init of weights that are overwritten below
-    cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device)
-    model.rope_cos.copy_(cos)
-    model.rope_sin.copy_(sin)
-    if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-        state["output.weight"] = state["tok_embeddings.weight"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.to(dtype)

@@ -29,12 +29,12 @@ import shutil
 from safetensors.torch import load_file, save_file
 
 from rodin.config import config_from_dict
-from rodin.io import atomic_write_text, fsync_file
+from rodin.io import atomic_write_text, fsync_file, sha256
 from rodin.ship import modelcard, verify
 from rodin.ship.gguf_export import K_QUANTS, ffn_warning, modelfile, pad_ffn, write_gguf_file
-from rodin.ship.hf import hf_name, load_hf_model, write_hf
-from rodin.spot.mirror import sha256
+from rodin.ship.hf import hf_name, write_hf
 from rodin.train import checkpoint
+from rodin.train.hf_llama import load_hf_model
 from rodin.train.optim import optimizer_for, param_groups
 
 QUANTS = ("f16", "q8_0", "q4_k_m")  # the GGUF set RODIN-1B shipped

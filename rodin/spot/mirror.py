@@ -14,7 +14,6 @@ Frozen decisions:
   close(timeout) waits a bounded time: a thread stuck in a hung call cannot be stopped, only left.
 """
 
-import hashlib
 import json
 import os
 import queue
@@ -25,16 +24,8 @@ import warnings
 
 import fsspec
 
-from rodin.io import atomic_write_text, fsync_dir
+from rodin.io import atomic_write_text, fsync_dir, sha256
 from rodin.train.checkpoint import MANIFEST, checkpoint_root, prunable, verify
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def open_url(url):

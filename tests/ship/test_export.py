@@ -19,7 +19,8 @@ from rodin.data import chatml
 from rodin.data.tokenizer import Tokenizer
 from rodin.ship import verify
 from rodin.ship.gguf_export import ffn_warning, pad_ffn, permute_rotary
-from rodin.ship.hf import hf_config, load_hf_model, write_hf
+from rodin.ship.hf import hf_config, write_hf
+from rodin.train.hf_llama import load_hf_model
 from rodin.train import checkpoint
 from rodin.train.optim import make_optimizer
 

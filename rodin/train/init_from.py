@@ -1,0 +1,79 @@
+"""A run that starts from a Hugging Face Llama (rodin.train.hf_llama): what train.py and sft.py
+call to take its shape and tokenizer, load its weights into the run's model and record its origin.
+
+Frozen decisions:
+- --init_from is an HF model when it is hf:ORG/NAME[@revision], or a directory with config.json
+  that is neither a rodin run nor a checkpoint; its shape and tokenizer replace the preset's.
+- Its weights are cast to the run's fp32 master weights; under FSDP2 rank 0 reads them and
+  broadcasts them into the shards, as a single-process checkpoint.
+- The run records the origin in origin.json and in every checkpoint (meta "origin").
+"""
+
+import dataclasses
+import json
+import os
+
+import torch.distributed as dist
+
+from rodin.data.tokenizer import Tokenizer
+from rodin.io import atomic_write_text
+from rodin.train.checkpoint import is_sharded_run, load_full_into_sharded, load_model_tensors
+from rodin.train.hf_llama import HUB_PREFIX, fetch, origin, read_config, rodin_tensors
+
+ORIGIN = "origin.json"  # in the run directory: where its weights came from
+
+
+def is_hf(spec):
+    """Whether --init_from names an HF model (hf:ORG/NAME, or a directory with config.json that is
+    not a rodin run or checkpoint) rather than a rodin run."""
+    spec = str(spec)
+    if spec.startswith(HUB_PREFIX):
+        return True
+    return (os.path.exists(os.path.join(spec, "config.json")) and not os.path.exists(os.path.join(spec, "trainer.json"))
+            and not os.path.isdir(os.path.join(spec, "checkpoints")))
+
+
+def tokenizer_of(path):
+    """The SentencePiece tokenizer an HF Llama directory ships."""
+    file = os.path.join(path, "tokenizer.model")
+    if not os.path.exists(file):
+        raise ValueError(f"{path}: no tokenizer.model (SentencePiece) next to config.json; "
+                         "rodin reads SentencePiece tokenizers, convert or download it")
+    return Tokenizer(file)
+
+
+def check_vocabulary(tokenizer, cfg):
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces do not fit the model's {cfg.vocab_size} "
+                         "embedding rows; use the tokenizer the model was trained with")
+
+
+def write_origin(run_dir, record):
+    atomic_write_text(os.path.join(run_dir, ORIGIN), json.dumps(record, indent=2) + "\n")
+
+
+def load_weights(path, model):
+    """An HF Llama directory's weights into a run's model, sharded (FSDP2: rank 0 reads and
+    broadcasts) or not; shapes must match config.json."""
+    if is_sharded_run():
+        load_full_into_sharded(model, rodin_tensors(path, model.cfg) if dist.get_rank() == 0 else {}, path)
+    else:
+        load_model_tensors(model, rodin_tensors(path, model.cfg), path)
+
+
+def run_config(cfg):
+    """(cfg, tokenizer): the run config with the model shape and the tokenizer of an HF --init_from
+    (its config.json and tokenizer.model; from the Hub, these small files alone are fetched)."""
+    path = fetch(cfg.init_from, weights=False)
+    model = read_config(path)
+    tokenizer = tokenizer_of(path)
+    check_vocabulary(tokenizer, model)
+    return dataclasses.replace(cfg, model=model, tokenizer=tokenizer.path), tokenizer
+
+
+def start(spec, model, is_main):
+    """Load an HF --init_from's weights into the run's model (fetched first if from the Hub);
+    returns its origin on the main process (hashing the weights once), None on the others."""
+    path = fetch(spec)
+    load_weights(path, model)
+    return origin(spec, path) if is_main else None
