@@ -129,3 +129,12 @@ def test_a_run_whose_disk_fills_once_goes_on_and_ends_as_an_uninterrupted_run(de
     assert names(tmp_path / "full" / "run") == ["step-0000006", "step-0000008"]
     a, b = (load_file(os.path.join(p, "model.safetensors")) for p in (straight, full))
     assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_a_global_batch_the_new_topology_cannot_split_is_refused_with_the_process_counts_that_can(monkeypatch):
+    monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(checkpoint.dist, "get_world_size", lambda: 3)
+    meta = {"world_size": 2, "global_batch": 4, "config": {"micro_batch_size": 2, "grad_accum_steps": 1}}
+    with pytest.raises(ValueError, match=r"step-0000008: its global batch of 4 sequences cannot be split over 3 processes; "
+                                         r"resume on a number of processes that divides it \(1, 2, 4, ...\)"):
+        checkpoint.check_world_size("step-0000008", meta, 3, new_run="--init_from=step-0000008 --init_optimizer=false")
