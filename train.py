@@ -138,8 +138,9 @@ def train(cfg, device, lifeline):
             f"{'with' if cfg.init_optimizer else 'without'} its optimizer state")
     os.makedirs(run_dir, exist_ok=True)
     log = None
-    if is_main:
+    if rank in lifeline.owners:  # every node's disk: rodin supervise reads max_steps there
         save_config(cfg, os.path.join(run_dir, "config.json"))
+    if is_main:
         copy_into_run(tokenizer, run_dir)  # the run works without data/ (chat, export, eval, --init_from)
         log = RunLog(run_dir, dict(config_to_dict(cfg), world_size=world), cfg.wandb, resume_step=step)
 
