@@ -1,5 +1,6 @@
 """What keeps a run alive beyond its machine, the same for pretraining and SFT: the checkpoint
-mirror (rodin/spot/mirror.py) and the webhook (rodin/spot/notify.py), both held by rank 0 alone.
+mirror (rodin/spot/mirror.py), held by rank 0 and by the first rank of each node with a disk of
+its own (rodin.train.checkpoint.directory_owners), and the webhook (rodin/spot/notify.py), rank 0's.
 
     with Lifeline(cfg, run_dir) as lifeline:   # an exception is reported as a "crash" event
         lifeline.restore()                       # a fresh machine: the newest mirrored checkpoint
@@ -10,22 +11,36 @@ mirror (rodin/spot/mirror.py) and the webhook (rodin/spot/notify.py), both held 
         lifeline.stopped(reason, step, ...)      # a run that stops before its end says why: an event too
 """
 
+import os
+
+from rodin.config import config_to_dict
 from rodin.spot.mirror import Mirror, open_url
 from rodin.spot.notify import Notifier
 from rodin.train import checkpoint, distributed
 from rodin.train.guard import diverged_before, mark_diverged
 
+# paths each node may give its own way (its local disk); every other option must be the same on all ranks
+LOCAL_OPTIONS = ("out_dir", "data_dir", "tokenizer")
 STOP_EVENTS = {"budget": "budget", "stop_at_step": "paused", "diverged": "diverged"}  # any other reason: a signal
 
 
 class Lifeline:
     def __init__(self, cfg, run_dir):
-        main = distributed.is_main()
+        main, rank = distributed.is_main(), distributed.rank()
         self.run_dir, self.mirror_url, self.timeout_s = run_dir, cfg.mirror, cfg.mirror_timeout_s
         if cfg.mirror:
             open_url(cfg.mirror)  # every rank, before anything: a URL fsspec cannot open is refused everywhere
+        distributed.check_same_config(config_to_dict(cfg), LOCAL_OPTIONS)
+        self.owners = checkpoint.directory_owners(run_dir)
+        if len(self.owners) > 1 and not cfg.mirror:
+            raise ValueError(f"--out_dir: the ranks {self.owners[1:]} do not see rank 0's run directory (each "
+                             "node its own disk), so no disk holds a whole checkpoint: give --mirror=URL, one place every "
+                             "node can reach, or put the run directory on storage all nodes share")
         self.notifier = Notifier(cfg.notify if main else "", cfg.name)
-        self.mirror = Mirror(cfg.mirror, cfg.keep_checkpoints, cfg.keep_every) if cfg.mirror and main else None
+        self.mirror = None
+        if cfg.mirror and rank in self.owners:
+            self.mirror = Mirror(cfg.mirror, cfg.keep_checkpoints, cfg.keep_every, rank=rank, owners=self.owners,
+                                 parts_timeout_s=cfg.mirror_timeout_s)
         self.down = False
 
     def __enter__(self):
@@ -40,14 +55,32 @@ class Lifeline:
     def restore(self):
         """With no checkpoint on this disk (the last machine took it along), fetch the newest
         complete one from the mirror, and the run's record (metrics.jsonl, samples.md, loss.png)
-        it carries. Every rank waits for it; returns a message or None."""
+        it carries. Nodes with their own disks each fetch the one rank 0 names: the newest in the
+        mirror, unless every node holds a newer one whole. Every rank waits for it; returns a
+        message or None."""
         restored = None
-        if self.mirror is not None and checkpoint.latest(self.run_dir) is None:
+        if len(self.owners) > 1:
+            restored = self.restore_on_every_disk()
+        elif self.mirror is not None and checkpoint.latest(self.run_dir) is None:
             restored = self.mirror.restore_latest(self.run_dir)
-            if restored:
-                checkpoint.restore_record(restored, self.run_dir)  # the curve too, not only the weights
+        if restored:
+            checkpoint.restore_record(restored, self.run_dir)  # the curve too, not only the weights
         distributed.barrier()
+        restored = distributed.from_rank_0(restored)
         return f"restored {restored} from the mirror {self.mirror_url}" if restored else None
+
+    def restore_on_every_disk(self):
+        local = checkpoint.latest(self.run_dir) if self.mirror is not None else None
+        names = distributed.gather_objects(local and os.path.basename(local))
+        held = {names[r] for r in self.owners}
+        newest_everywhere = held.pop() if len(held) == 1 else None
+        if distributed.is_main():
+            complete = self.mirror.complete()
+            choice = max(filter(None, [newest_everywhere, complete[-1] if complete else None]), default=None)
+        name = distributed.from_rank_0(choice if distributed.is_main() else None)
+        if name is None or name == newest_everywhere or (local and os.path.basename(local) == name):
+            return None
+        return self.mirror.download(name, self.run_dir) if self.mirror is not None else None
 
     def send(self, event, **fields):
         self.notifier.send(event, **fields)
@@ -99,9 +132,11 @@ class Lifeline:
         is said (and sent), and the checkpoints stay on this disk."""
         if self.mirror is None:
             return
-        print(f"waiting for the upload to {self.mirror_url} (at most --mirror_timeout_s={self.timeout_s:g} s)")
+        say = print if distributed.is_main() else (lambda *a, **k: None)
+        say(f"waiting for the upload to {self.mirror_url} (at most --mirror_timeout_s={self.timeout_s:g} s)")
         status = self.mirror.status()
         if not self.mirror.close(timeout=self.timeout_s):
+            print(f"rank {distributed.rank()}: " if not distributed.is_main() else "", end="")
             print(f"the mirror {self.mirror_url} did not take the last {status['mirror_backlog']} checkpoint(s) within "
                   f"--mirror_timeout_s={self.timeout_s:g} s: they are on this disk only ({self.run_dir}); "
                   "relaunch here, or copy them to the mirror, before this machine goes")

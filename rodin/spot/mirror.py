@@ -5,6 +5,10 @@ Frozen decisions:
   (a private Hugging Face Hub repo, through huggingface_hub's HfFileSystem).
 - A checkpoint is uploaded file by file, MANIFEST.json (sizes and sha256) last: a mirrored
   checkpoint without its manifest is incomplete and never restored.
+- Several nodes with their own disks upload into the same step-N/: each node the files its ranks
+  wrote, then parts/rank-R.json (R: the node's first rank) listing them; rank 0's node, once
+  every node's part is there, writes MANIFEST.json over all of them. A node that died before its
+  part leaves the checkpoint incomplete; rank 0 alone prunes.
 - Uploads run in one background thread from hard-linked snapshots, so the training step never
   waits and local pruning cannot pull a file from under an upload.
 - Restoring downloads into a temporary directory, verifies every checksum, then renames.
@@ -38,7 +42,8 @@ def open_url(url):
 
 
 class Mirror:
-    def __init__(self, url, keep=2, keep_every=0, retry_s=5.0, max_retry_s=300.0):
+    def __init__(self, url, keep=2, keep_every=0, retry_s=5.0, max_retry_s=300.0, rank=0, owners=(0,), parts_timeout_s=900.0):
+        self.rank, self.owners, self.parts_timeout_s = rank, list(owners), parts_timeout_s  # rodin.train.checkpoint.directory_owners
         self.url = url.rstrip("/")
         self.fs, self.root = open_url(self.url)
         self.keep, self.keep_every = keep, keep_every  # as the run directory: the newest `keep` and the milestones
@@ -117,11 +122,15 @@ class Mirror:
                 "mirror_failures": self.failures}
 
     def upload(self, checkpoint_dir):
-        """Copy one checkpoint directory to the mirror, manifest last, then prune. Blocking."""
+        """Copy this node's files of one checkpoint to the mirror and its part list; on rank 0's
+        node, once every node's part is there, the manifest, then prune. Blocking."""
         name = os.path.basename(checkpoint_dir)
         remote = f"{self.root}/{name}"
-        if self.fs.exists(remote):
-            self.fs.rm(remote, recursive=True)  # a stale partial upload of the same step
+        # a stale partial upload of the same step: one node's, the whole of it; with several, only
+        # the manifest (the other nodes may be uploading their parts into it right now)
+        stale = remote if self.owners == [0] else f"{remote}/{MANIFEST}"
+        if self.rank == 0 and self.fs.exists(stale):
+            self.fs.rm(stale, recursive=True)
         files = {}
         for dirpath, _, filenames in os.walk(checkpoint_dir):
             for filename in sorted(filenames):
@@ -132,19 +141,46 @@ class Mirror:
                 self.fs.makedirs(os.path.dirname(f"{remote}/{relative}"), exist_ok=True)
                 self.fs.put_file(path, f"{remote}/{relative}")
                 files[relative] = {"size": os.path.getsize(path), "sha256": sha256(path)}
-        with open(os.path.join(checkpoint_dir, MANIFEST)) as f:
-            local_manifest = json.load(f)
-        manifest = {"step": local_manifest.get("step"), "files": files, "local_manifest": local_manifest}
-        with self.fs.open(f"{remote}/{MANIFEST}", "w") as f:
+        self.fs.makedirs(f"{remote}/parts", exist_ok=True)
+        with self.fs.open(f"{remote}/parts/rank-{self.rank}.json", "w") as f:
+            f.write(json.dumps(files, indent=2))
+        if self.rank != 0:
+            return remote
+        files = self._wait_for_parts(remote)
+        step = int(name[len("step-"):])
+        local_manifest = {"step": step, "whole": True, "files": {k: v["size"] for k, v in files.items()}}
+        manifest = {"step": step, "files": files, "local_manifest": local_manifest}
+        with self.fs.open(f"{remote}/{MANIFEST}", "w") as f:  # the marker: every node's files are there
             f.write(json.dumps(manifest, indent=2))
         self.prune()
         return remote
 
+    def _wait_for_parts(self, remote):
+        """Every node's file list of a checkpoint, merged, once all are in the mirror."""
+        deadline, poll = time.time() + self.parts_timeout_s, 0.05
+        while True:
+            missing = [r for r in self.owners if not self.fs.exists(f"{remote}/parts/rank-{r}.json")]
+            if not missing:
+                break
+            if time.time() > deadline or self.given_up.is_set():
+                raise OSError(f"{remote}: the shards of rank(s) {missing} never reached the mirror")
+            time.sleep(poll)
+            poll = min(2 * poll, 2.0)
+        files = {}
+        for r in self.owners:
+            with self.fs.open(f"{remote}/parts/rank-{r}.json", "r") as f:
+                files.update(json.load(f))
+        return files
+
     def prune(self):
-        for name in prunable(self.complete(), self.keep, self.keep_every):
+        complete = self.complete()
+        for name in prunable(complete, self.keep, self.keep_every):
             # the manifest goes first, so a half-deleted checkpoint is never taken for complete
             self.fs.rm(f"{self.root}/{name}/{MANIFEST}")
             self.fs.rm(f"{self.root}/{name}", recursive=True)
+        for name in self.checkpoints():  # uploads that never completed (a node died), older than the newest complete
+            if complete and name < complete[-1] and name not in complete:
+                self.fs.rm(f"{self.root}/{name}", recursive=True)
 
     def wait(self):
         """Block until every queued upload has finished (at exit, before the machine goes)."""
@@ -185,12 +221,13 @@ class Mirror:
                 warnings.warn(f"{self.url}/{name}: no manifest (upload interrupted), trying an older checkpoint")
                 continue
             try:
-                return self._download(name, run_dir)
+                return self.download(name, run_dir)
             except (OSError, ValueError) as e:
                 warnings.warn(f"{self.url}/{name}: {e}, trying an older checkpoint")
         return None
 
-    def _download(self, name, run_dir):
+    def download(self, name, run_dir):
+        """One complete mirrored checkpoint, whole, into run_dir, verified; its local path."""
         remote = f"{self.root}/{name}"
         with self.fs.open(f"{remote}/{MANIFEST}", "r") as f:
             manifest = json.load(f)

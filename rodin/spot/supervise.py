@@ -25,12 +25,21 @@ from rodin.train.guard import DIVERGED, MARKER
 
 
 def run_progress(run_dir):
-    """(step of the newest complete checkpoint, max_steps of its run), (0, None) when none."""
+    """(step of the newest complete checkpoint, max_steps of its run), (0, None) when none. On a
+    node with a disk of its own (torchrun --nnodes) that is its part of the newest checkpoint, and
+    max_steps the one of the run's config.json."""
     path = checkpoint.latest(run_dir)
-    if path is None:
+    if path is not None:
+        meta = checkpoint.read_meta(path)
+        return meta["step"], meta.get("config", {}).get("max_steps")
+    parts = checkpoint.complete_checkpoints(run_dir, parts=True)
+    if not parts:
         return 0, None
-    meta = checkpoint.read_meta(path)
-    return meta["step"], meta.get("config", {}).get("max_steps")
+    config, max_steps = os.path.join(run_dir, "config.json"), None
+    if os.path.exists(config):
+        with open(config) as f:
+            max_steps = json.load(f).get("max_steps")
+    return checkpoint.step_of(parts[-1]), max_steps
 
 
 def spent_budget(run_dir):

@@ -10,6 +10,10 @@ every rank writes its shards and its RNG state into the same step-N.tmp/, rank 0
 manifest last and renames, so the directory contract (and `latest`) is the same for both formats.
 Either format loads into a model sharded or not: DCP reshards, and a safetensors file is read by
 rank 0 alone and broadcast into the shards.
+Nodes with their own disks (torchrun --nnodes, a run directory each) each write the shards of
+their ranks into their own step-N/ (the first rank of each such node commits it, its manifest
+marked "whole": false): no disk holds the whole checkpoint, the mirror does (rodin/spot/mirror.py),
+and `latest` only takes a whole one. Nodes that share the run directory write one, as one node.
 Saves are synchronous: RODIN-1B's weights and moments are ~15 GB, seconds to write every few
 hundred steps, and a save that is finished is the one a SIGTERM can rely on.
 A disk that fills during a save loses only that save: its step-N.tmp/ is removed, the checkpoints
@@ -134,10 +138,10 @@ def save(run_dir, step, model, optimizer, meta, keep, keep_every=0):
 
 def make_room(run_dir, keep, keep_every):
     """Delete the checkpoints a save would prune after it (never the newest complete one, nor a
-    milestone); their names. Under torchrun rank 0 deletes and every rank gets the names."""
+    milestone); their names (rank 0's, on every rank)."""
     freed = []
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        for path in prunable(complete_checkpoints(run_dir), keep - 1, keep_every):
+    if not is_sharded_run() or dist.get_rank() in directory_owners(run_dir):  # each disk its own
+        for path in prunable(complete_checkpoints(run_dir, parts=True), keep - 1, keep_every):
             shutil.rmtree(path, ignore_errors=True)
             freed.append(os.path.basename(path))
     if dist.is_initialized():
@@ -199,20 +203,22 @@ def restore_record(path, run_dir):
             shutil.copyfile(os.path.join(path, "record-" + name), os.path.join(run_dir, name))
 
 
-def commit(run_dir, tmp, final, step, keep, keep_every=0):
-    """Every file fsynced, the manifest (file sizes) last, then the rename: before it the checkpoint
-    does not exist. A full disk removes tmp and raises DiskFull."""
+def commit(run_dir, tmp, final, step, keep, keep_every=0, world=1):
+    """Every file fsynced, the manifest (file sizes; whether it holds every rank's files) last,
+    then the rename: before it the checkpoint does not exist. A full disk removes tmp and raises
+    DiskFull."""
     with removed_if_disk_full(tmp):
         files = sorted(os.listdir(tmp))
         for name in files:
             fsync_file(os.path.join(tmp, name))
         sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in files}
-        atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps({"step": step, "files": sizes}, indent=2))
+        whole = "trainer.json" in files and (world == 1 or all(f"rng-rank{r}.safetensors" in files for r in range(world)))
+        atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps({"step": step, "whole": whole, "files": sizes}, indent=2))
     if os.path.exists(final):
         shutil.rmtree(final)  # re-saving a step after a restart
     os.replace(tmp, final)
     fsync_dir(checkpoint_root(run_dir))
-    for old in prunable(complete_checkpoints(run_dir), keep, keep_every):
+    for old in prunable(complete_checkpoints(run_dir, parts=True), keep, keep_every):
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -235,8 +241,11 @@ def save_sharded(run_dir, step, model, optimizer, meta, keep, keep_every=0):
     rank = dist.get_rank()
     final = os.path.join(checkpoint_root(run_dir), f"step-{step:07d}")
     tmp = final + ".tmp"
-    if rank == 0:
+    owners = directory_owners(run_dir)
+    if rank in owners:  # each disk's owner clears its own stale tmp before any rank writes into it
         shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    if rank in owners:
         os.makedirs(tmp)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, parts(optimizer))
@@ -248,21 +257,49 @@ def save_sharded(run_dir, step, model, optimizer, meta, keep, keep_every=0):
             if rank == 0:
                 copy_record(run_dir, tmp)
                 with open(os.path.join(tmp, "trainer.json"), "w") as f:
-                    json.dump(dict(meta, step=step, world_size=dist.get_world_size(), format="dcp"), f, indent=2)
+                    json.dump(dict(meta, step=step, world_size=dist.get_world_size(), format="dcp", owners=owners), f, indent=2)
     except DiskFull:
         full = True
     if agree_any(full):  # every rank's files are on disk, or every rank gives up this save
-        if rank == 0:
+        if rank in owners:
             shutil.rmtree(tmp, ignore_errors=True)  # again: another rank may have written since
         raise DiskFull(tmp)
     try:
-        if rank == 0:
-            commit(run_dir, tmp, final, step, keep, keep_every)
+        if rank in owners:
+            commit(run_dir, tmp, final, step, keep, keep_every, world=dist.get_world_size())
     except DiskFull:
         full = True
     if agree_any(full):
         raise DiskFull(tmp)
     return final
+
+
+_owners = {}
+
+
+def directory_owners(run_dir):
+    """The ranks that commit a checkpoint directory: rank 0, and the first rank of each node whose
+    disk does not hold rank 0's run directory (nodes with local disks). Collective on first call:
+    rank 0 writes a probe file into the run directory and each node looks for it."""
+    if not is_sharded_run():
+        return [0]
+    key = (os.path.abspath(run_dir), dist.get_world_size(), id(dist.group.WORLD))
+    if key not in _owners:
+        box = [os.urandom(8).hex()]
+        dist.broadcast_object_list(box, src=0)
+        probe = os.path.join(run_dir, f".probe-{box[0]}")
+        if dist.get_rank() == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            atomic_write_text(probe, "rank 0's run directory\n")
+        dist.barrier()
+        local_first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        flags = [None] * dist.get_world_size()
+        dist.all_gather_object(flags, local_first and not os.path.exists(probe))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            os.unlink(probe)
+        _owners[key] = [0] + [r for r, own in enumerate(flags) if own and r != 0]
+    return _owners[key]
 
 
 def agree_any(flag):
@@ -289,13 +326,20 @@ def verify(path):
     return None
 
 
-def complete_checkpoints(run_dir):
-    """Paths of complete checkpoints, oldest first."""
+def is_whole(path):
+    """Whether a complete checkpoint holds every rank's files (not only one node's part of them)."""
+    with open(os.path.join(path, MANIFEST)) as f:
+        return json.load(f).get("whole", True)
+
+
+def complete_checkpoints(run_dir, parts=False):
+    """Paths of complete checkpoints, oldest first; parts: also a node's part of one (for pruning)."""
     root = checkpoint_root(run_dir)
     if not os.path.isdir(root):
         return []
     names = sorted(n for n in os.listdir(root) if n.startswith("step-") and not n.endswith(".tmp"))
-    return [os.path.join(root, n) for n in names if verify(os.path.join(root, n)) is None]
+    paths = [os.path.join(root, n) for n in names if verify(os.path.join(root, n)) is None]
+    return paths if parts else [p for p in paths if is_whole(p)]
 
 
 def latest(run_dir):
@@ -308,9 +352,10 @@ def latest(run_dir):
         if not name.startswith("step-"):
             continue
         problem = "interrupted while writing" if name.endswith(".tmp") else verify(path)
-        if problem is None:
+        if problem is None and is_whole(path):
             return path
-        warnings.warn(f"{path}: skipping checkpoint: {problem}")
+        if problem is not None:  # a node's part of a checkpoint is expected, not worth a warning
+            warnings.warn(f"{path}: skipping checkpoint: {problem}")
     return None
 
 
@@ -340,6 +385,11 @@ def check_world_size(path, meta, global_batch, new_run):
         return None
     saved = meta["config"]
     saved_batch = meta.get("global_batch", saved["micro_batch_size"] * saved["grad_accum_steps"] * saved_world)
+    if saved_batch % world:
+        fits = [n for n in range(1, saved_batch + 1) if saved_batch % n == 0]
+        raise ValueError(f"{path}: its global batch of {saved_batch} sequences cannot be split over {world} processes; "
+                         f"resume on a number of processes that divides it ({', '.join(map(str, fits[:8]))}, ...), "
+                         f"or start a new run from it with {new_run}")
     if global_batch != saved_batch:
         raise ValueError(f"{path}: written by {saved_world} process(es) with a global batch of {saved_batch} sequences; "
                          f"to resume on {world}, keep it: --micro_batch_size x --grad_accum_steps = {saved_batch // world} "

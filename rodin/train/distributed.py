@@ -162,6 +162,28 @@ def from_rank_0(value):
     return box[0]
 
 
+def gather_objects(value):
+    """Every rank's value of a small Python object, in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def check_same_config(config, local=()):
+    """Refuse, on every rank and before anything is built, ranks launched with other options than
+    rank 0's (a node given another --mirror, --lr, ...); `local`: options each node may set its own way."""
+    configs = gather_objects({k: v for k, v in config.items() if k not in local})
+    for r, other in enumerate(configs):
+        differ = sorted(k for k in set(other) | set(configs[0]) if other.get(k) != configs[0].get(k))
+        if differ:
+            k = differ[0]
+            raise ValueError(f"--{k}: rank {r} was launched with {other.get(k)!r}, rank 0 with {configs[0].get(k)!r}"
+                             f"{f' (and {len(differ) - 1} more options)' if len(differ) > 1 else ''}; "
+                             "give every node the same command")
+
+
 def sum_over_ranks(values, device):
     """Element-wise sums over ranks of a list of Python numbers (float64: token counts stay exact)."""
     if not dist.is_initialized():

@@ -50,3 +50,16 @@ def test_the_supervisor_does_not_relaunch_a_run_stopped_by_its_budget(demo_data,
     assert sum(m.startswith("supervise: launch") for m in messages) == 1
     assert "spent its budget" in messages[-1] and "not relaunching" in messages[-1] and "exit code 0" in messages[-1]
     assert checkpoint.read_meta(checkpoint.latest(tmp_path / "run"))["step"] == 1
+
+
+def test_on_a_node_with_its_own_disk_progress_is_its_part_of_the_newest_checkpoint(tmp_path):
+    import json
+
+    from rodin.spot.supervise import run_progress
+
+    part = tmp_path / "checkpoints" / "step-0000012"  # rank 1's shards of step 12, as its node committed them
+    part.mkdir(parents=True)
+    (part / "__1_0.distcp").write_bytes(b"x" * 10)
+    (part / "MANIFEST.json").write_text(json.dumps({"step": 12, "whole": False, "files": {"__1_0.distcp": 10}}))
+    (tmp_path / "config.json").write_text(json.dumps({"max_steps": 12}))
+    assert checkpoint.latest(tmp_path) is None and run_progress(tmp_path) == (12, 12)

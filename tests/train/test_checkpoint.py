@@ -129,3 +129,67 @@ def test_a_run_whose_disk_fills_once_goes_on_and_ends_as_an_uninterrupted_run(de
     assert names(tmp_path / "full" / "run") == ["step-0000006", "step-0000008"]
     a, b = (load_file(os.path.join(p, "model.safetensors")) for p in (straight, full))
     assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_a_global_batch_the_new_topology_cannot_split_is_refused_with_the_process_counts_that_can(monkeypatch):
+    monkeypatch.setattr(checkpoint.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(checkpoint.dist, "get_world_size", lambda: 3)
+    meta = {"world_size": 2, "global_batch": 4, "config": {"micro_batch_size": 2, "grad_accum_steps": 1}}
+    with pytest.raises(ValueError, match=r"step-0000008: its global batch of 4 sequences cannot be split over 3 processes; "
+                                         r"resume on a number of processes that divides it \(1, 2, 4, ...\)"):
+        checkpoint.check_world_size("step-0000008", meta, 3, new_run="--init_from=step-0000008 --init_optimizer=false")
+
+
+def train_with_rank_1_disk_full_once(rank, port, argv, out):
+    """One rank of a 2-process gloo group: rank 1's disk is full for its third checkpoint file."""
+    import errno
+    import json
+    import warnings
+
+    import train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    real, calls = checkpoint.save_file, []
+
+    def writer(tensors, path):
+        calls.append(path)
+        if rank == 1 and len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real(tensors, path)
+
+    checkpoint.save_file = writer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = train.main(argv)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"code": code, "warnings": [str(w.message) for w in caught if "disk full" in str(w.message)]}, f)
+
+
+def test_under_torchrun_a_disk_full_on_one_rank_is_met_by_all_and_the_run_goes_on(demo_data, tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["--preset=test", f"--data_dir={demo_data['dir']}", f"--tokenizer={demo_data['tokenizer']}", f"--out_dir={tmp_path}",
+            "--name=run", "--micro_batch_size=2", "--max_steps=6", "--ckpt_every=2", "--eval_every=100"]
+    mp.spawn(train_with_rank_1_disk_full_once, args=(port, argv, str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["code"] for r in results] == [0, 0]
+    assert all(len(r["warnings"]) == 1 and "disk full writing step 6; removed step-0000002" in r["warnings"][0] for r in results)
+    assert names(tmp_path / "run") == ["step-0000004", "step-0000006"]
+    assert checkpoint.is_dcp(checkpoint.latest(tmp_path / "run"))
+
+
+def test_a_disk_full_inside_torch_distributed_checkpoint_is_recognised_on_every_rank():
+    import errno
+
+    from torch.distributed.checkpoint import CheckpointException
+
+    full = CheckpointException("save failed", {1: (OSError(errno.ENOSPC, "No space left on device"), None)})
+    other = CheckpointException("save failed", {1: (RuntimeError("bug"), None)})
+    assert checkpoint.is_disk_full(full) and not checkpoint.is_disk_full(other)
