@@ -1,4 +1,4 @@
-"""Fine-tune a pretrained checkpoint into a chat model (full fine-tune, ChatML).
+"""Fine-tune a pretrained checkpoint into a chat model (full fine-tune or LoRA, ChatML).
 
     python sft.py --preset=cpu-demo --init_from=runs/demo --data=data/littre-sft.jsonl.gz [--key=value ...]
     torchrun --nproc_per_node=8 sft.py --preset=gpu-demo --init_from=runs/lucie-7b --data=... [--key=value ...]
@@ -12,6 +12,8 @@ Frozen decisions:
 - The run directory is a pretraining run's (config.json, metrics.jsonl, loss.png, samples.md,
   checkpoints/); relaunching resumes from its own newest checkpoint, bit-identically on CPU,
   and SIGTERM/SIGINT/SIGUSR1 checkpoint and exit 0. The step-0 val_loss is the "before".
+- --lora_rank=R trains low-rank adapters over the frozen base instead (rodin.train.lora):
+  checkpoints hold the adapters and name their base; export merges them.
 - Under torchrun it is train.py's FSDP2: every rank reads and packs the same rows and takes its
   slice of each global batch; the model is built sharded and init_from is loaded into the shards.
 """
@@ -29,7 +31,7 @@ from rodin.data.tokenizer import copy_into_run
 from rodin.eval.chat import chat_reply, open_chat_tokenizer
 from rodin.model import ModelConfig
 from rodin.spot.lifeline import Lifeline
-from rodin.train import checkpoint, distributed, fp8, init_from, preflight
+from rodin.train import checkpoint, distributed, fp8, init_from, lora, preflight
 from rodin.train.budget import Budget
 from rodin.train.device import autocast, peak_flops
 from rodin.train.guard import DIVERGED, guard_for
@@ -139,14 +141,18 @@ def finetune(cfg, device, lifeline):
     loss_fn = make_loss_fn(cfg.loss_chunk)
     step, tokens_seen, origin = 0, 0, None
     if ckpt is not None:
-        step, tokens_seen = checkpoint.resume(ckpt, meta, model, optimizer, batches)
         origin = meta.get("origin")
+        if cfg.lora_rank:  # the checkpoint holds the adapters; their base comes from where it began
+            checkpoint.load_base(origin, model, ckpt)
+        step, tokens_seen = checkpoint.resume(ckpt, meta, model, optimizer, batches)
         say(f"resuming from {ckpt} (step {step}, {tokens_seen:,} tokens{', ' + note if note else ''})")
     elif from_hf:
         origin = init_from.start(cfg.init_from, model, is_main)
         say(f"fine-tuning {cfg.init_from} (a Hugging Face Llama)")
     else:
         checkpoint.load(init_ckpt, model, restore_rng_state=False)
+        if cfg.lora_rank and is_main:
+            origin = checkpoint.base_origin(cfg.init_from, init_ckpt)
         say(f"fine-tuning {init_ckpt}")
     os.makedirs(run_dir, exist_ok=True)
     log = None
@@ -158,12 +164,14 @@ def finetune(cfg, device, lifeline):
         log = RunLog(run_dir, dict(config_to_dict(cfg), world_size=world), cfg.wandb, resume_step=step)
     say(f"model: {model.num_params():,} parameters | {world} x {device.type}{' (FSDP2)' if world > 1 else ''} | "
         f"{fp8.precision(cfg, device)} | {cfg.optimizer}")
+    if cfg.lora_rank:
+        say(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {lora.trainable_params(model):,} trainable parameters, the base frozen")
 
     state = {"step": step, "tokens_seen": tokens_seen, "guard": guard_for(cfg, meta if ckpt is not None else None)}
 
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "data_fingerprint": train_rows.fingerprint(),
-                "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "origin": origin, "world_size": world,
+                "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "origin": origin, "lora": lora.settings(cfg), "world_size": world,
                 "global_batch": global_batch, "budget": budget.state_dict(),
                 "guard": state["guard"] and state["guard"].state_dict()}
         path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints, cfg.keep_every)
@@ -214,6 +222,7 @@ def check_resumable(ckpt_path, meta, cfg, tokenizer, rows, global_batch):
         raise ValueError(f"{ckpt_path}: trained with tokenizer {meta['tokenizer']}, not {tokenizer.path} ({tokenizer.fingerprint})")
     checkpoint.check_optimizer(ckpt_path, meta, cfg.optimizer, f"resume with --optimizer={checkpoint.optimizer_name(meta)}, "
                                "or fine-tune into another --name")
+    lora.check_same(ckpt_path, meta, cfg)
     if meta.get("data_fingerprint") != rows.fingerprint():
         raise ValueError(f"{ckpt_path}: started on other SFT rows (data, seq_len, pack, truncate or seed differ); "
                          "resume with the same settings, or use another --name")

@@ -26,7 +26,7 @@ from rodin.config import config_to_dict, parse_args, save_config
 from rodin.data.batches import TrainBatches, Windows, eval_batches, find_shards, held_out_sets
 from rodin.data.tokenizer import Tokenizer, copy_into_run
 from rodin.spot.lifeline import Lifeline
-from rodin.train import checkpoint, distributed, fp8, init_from, preflight
+from rodin.train import checkpoint, distributed, fp8, init_from, lora, preflight
 from rodin.train.bits_per_byte import bytes_per_token, loss_to_bpb, token_byte_lengths
 from rodin.train.budget import Budget
 from rodin.train.device import autocast, peak_flops
@@ -50,6 +50,7 @@ def check_resumable(ckpt_path, meta, cfg, tokenizer, global_batch):
         raise ValueError(f"{ckpt_path}: trained with tokenizer {meta['tokenizer']}, not {cfg.tokenizer} ({tokenizer.fingerprint})")
     checkpoint.check_optimizer(ckpt_path, meta, cfg.optimizer, f"resume with --optimizer={checkpoint.optimizer_name(meta)}, "
                                f"or start a new run from its weights: --init_from={ckpt_path} --init_optimizer=false")
+    lora.check_same(ckpt_path, meta, cfg)
     return checkpoint.check_world_size(ckpt_path, meta, global_batch,
                                        new_run=f"--init_from={ckpt_path} --init_optimizer=false")
 
@@ -85,10 +86,10 @@ def train(cfg, device, lifeline):
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     from_hf = init_from.is_hf(cfg.init_from)
+    if cfg.init_from and cfg.init_optimizer and (from_hf or cfg.lora_rank):
+        fresh = f"{cfg.init_from} is a Hugging Face model and holds" if from_hf else "new LoRA adapters have"
+        raise ValueError(f"--init_optimizer=true: {fresh} no optimizer state; add --init_optimizer=false")
     if from_hf:  # the model shape and tokenizer are the HF model's
-        if cfg.init_optimizer:
-            raise ValueError(f"--init_optimizer=true: {cfg.init_from} is a Hugging Face model and holds no optimizer state; "
-                             "add --init_optimizer=false")
         cfg, _ = init_from.run_config(cfg)
     cfg, batch_choice = choose_batch(cfg, world, device)  # --global_batch, --micro_batch_size=auto
     if batch_choice:
@@ -132,8 +133,10 @@ def train(cfg, device, lifeline):
     loss_fn = make_loss_fn(cfg.loss_chunk)
     step, tokens_seen, origin = 0, 0, None
     if ckpt is not None:
-        step, tokens_seen = checkpoint.resume(ckpt, meta, model, optimizer, batches)
         origin = meta.get("origin")
+        if cfg.lora_rank:  # the checkpoint holds the adapters; their base comes from where it began
+            checkpoint.load_base(origin, model, ckpt)
+        step, tokens_seen = checkpoint.resume(ckpt, meta, model, optimizer, batches)
         say(f"resuming from {ckpt} (step {step}, {tokens_seen:,} tokens{', ' + note if note else ''})")
     elif from_hf:
         origin = init_from.start(cfg.init_from, model, is_main)
@@ -144,6 +147,8 @@ def train(cfg, device, lifeline):
         check_phase_source(source, meta, cfg, tokenizer)
         checkpoint.load(source, model, optimizer if cfg.init_optimizer else None, restore_rng_state=False,
                         keep_hyperparams=True)
+        if cfg.lora_rank and is_main:
+            origin = checkpoint.base_origin(cfg.init_from, source)
         say(f"new phase from {source} (its step {meta['step']}, {meta['tokens_seen']:,} tokens), "
             f"{'with' if cfg.init_optimizer else 'without'} its optimizer state")
     os.makedirs(run_dir, exist_ok=True)
@@ -161,13 +166,15 @@ def train(cfg, device, lifeline):
     say(f"model: {model.num_params():,} parameters | {full_batch * cfg.seq_len:,} tokens/step | "
         f"{world} x {device.type}{' (FSDP2)' if world > 1 else ''} | "
         f"{fp8.precision(cfg, device)} | {cfg.optimizer}")
+    if cfg.lora_rank:
+        say(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {lora.trainable_params(model):,} trainable parameters, the base frozen")
 
     state = {"step": step, "tokens_seen": tokens_seen, "guard": guard_for(cfg, meta if ckpt is not None else None)}
 
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "config": config_to_dict(cfg),
                 "tokenizer": tokenizer.fingerprint, "world_size": world, "global_batch": full_batch,
-                "budget": budget.state_dict(), "origin": origin,
+                "budget": budget.state_dict(), "origin": origin, "lora": lora.settings(cfg),
                 "guard": state["guard"] and state["guard"].state_dict()}
         path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints, cfg.keep_every)
         lifeline.checkpointed(path, state["step"], **budget.figures(cfg.max_steps - state["step"]))

@@ -116,6 +116,12 @@ class TrainConfig:
     # replace the preset's, and it has no optimizer state (--init_optimizer=false)
     init_from: str = ""
     init_optimizer: bool = True
+    # LoRA (rodin/train/lora.py): > 0 freezes the --init_from base (bf16 on CUDA) and trains adapters of this
+    # rank, scaled by lora_alpha / lora_rank, on the blocks' matrices of lora_targets (attn: q, k, v, o; ffn:
+    # gate, up, down) with AdamW; checkpoints hold the adapters alone, export merges them into the weights
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "attn,ffn"
     # memory savers (each changes memory or speed, not results)
     activation_checkpointing: str = "none"  # none | full (every block) | half (every other block) | ops (recompute all but matmuls and attention)
     optimizer_in_backward: bool = False  # step each parameter as its gradient completes, then free it; needs grad_accum_steps=1, grad_clip=0
@@ -182,6 +188,25 @@ class TrainConfig:
             raise ValueError("batch ramp-up needs rampup_increment > 0 and 0 < rampup_steps < max_steps")
         check_spot_options(self)
         check_guard_options(self)
+        check_lora_options(self)
+
+
+LORA_TARGETS = ("attn", "ffn")  # rodin.train.lora.TARGETS names their matrices
+
+
+def check_lora_options(cfg):
+    if not cfg.lora_rank:
+        return
+    if cfg.lora_rank < 0 or cfg.lora_alpha <= 0:
+        raise ValueError(f"--lora_rank={cfg.lora_rank} --lora_alpha={cfg.lora_alpha}: both must be positive (e.g. 16 and 32)")
+    targets = cfg.lora_targets.split(",")
+    if not targets or not set(targets) <= set(LORA_TARGETS):
+        raise ValueError(f"--lora_targets={cfg.lora_targets}: choose among {', '.join(LORA_TARGETS)} (comma-separated)")
+    if not cfg.init_from:
+        raise ValueError(f"--lora_rank={cfg.lora_rank} needs a base: add --init_from=RUN or a Hugging Face model")
+    if cfg.optimizer != "adamw":
+        raise ValueError(f"--lora_rank={cfg.lora_rank}: adapters are trained with AdamW (Muon is not applied to them); "
+                         "add --optimizer=adamw")
 
 
 def check_optimizer(cfg):
@@ -283,6 +308,7 @@ class SFTConfig(TrainConfig):
         check_optimizer(self)
         check_spot_options(self)
         check_guard_options(self)
+        check_lora_options(self)
 
 
 SFT_PRESETS = {
@@ -299,6 +325,19 @@ SFT_PRESETS = {
     "gpu-demo": SFTConfig(model=PRESETS["gpu-demo"].model, name="demo-sft", seq_len=1024, micro_batch_size=16, max_steps=600,
                           optimizer="muon", lr=1e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.0, eval_every=100,
                           eval_batches=8, ckpt_every=200),
+    # Lucie-7B fine-tuned into an assistant on one 24 GiB card (RTX 3090/4090) with LoRA: a full fine-tune
+    # needs ~107 GB (fp32 weights, gradients, AdamW moments), this one the base frozen in bf16 (12.5 GiB)
+    # and rank-16 adapters on every attention and FFN matrix (38.8 M parameters, 0.6 % of the model;
+    # alpha 32, 2 x rank as is usual). Estimated peak (rodin/train/memory.py, bench/memory_estimate.py
+    # --sft_preset=lucie-7b-lora-3090): 16.8 GiB at micro-batch 4 x 2048 tokens (20.5 at 8, too close to
+    # 24 GiB with the CUDA context and fragmentation) with every block recomputed and the logits chunked;
+    # a global batch of 64 rows. The base: the HF export of a lucie-7b run (export.py's default --out)
+    # or any Llama whose tokenizer has the ChatML tokens.
+    "lucie-7b-lora-3090": SFTConfig(model=MODELS["lucie-7b"], init_from="runs/lucie-7b/export/hf", name="lucie-7b-lora",
+                                    seq_len=2048, micro_batch_size=4, global_batch=64, max_steps=1000, optimizer="adamw",
+                                    lr=2e-4, min_lr=2e-5, warmup_steps=30, weight_decay=0.0, lora_rank=16, lora_alpha=32.0,
+                                    lora_targets="attn,ffn", activation_checkpointing="full", loss_chunk=2048,
+                                    eval_every=100, eval_batches=2, ckpt_every=100, ckpt_every_minutes=30),
     # unit tests
     "test": SFTConfig(model=MODELS["test"], name="sft", seq_len=64, micro_batch_size=4, max_steps=20, lr=3e-3,
                       min_lr=3e-4, warmup_steps=2, weight_decay=0.0, log_every=1, eval_every=10, eval_batches=4,

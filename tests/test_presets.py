@@ -33,7 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # the presets of GPU runs: every one whose device is not pinned to the CPU
 GPU_PRESETS = [name for name, cfg in PRESETS.items() if cfg.device != "cpu"]
-GPU_SFT_PRESETS = [name for name, cfg in SFT_PRESETS.items() if cfg.device != "cpu"]
+# LoRA presets are a full preset's run with adapters: tests/train/test_lora.py trains, resumes and compiles them
+GPU_SFT_PRESETS = [name for name, cfg in SFT_PRESETS.items() if cfg.device != "cpu" and not cfg.lora_rank]
 # meant for a node of GPUs (torchrun --nproc_per_node=8, README); the others for one GPU
 UNDER_TORCHRUN = ("rodin-1b", "b200", "lucie-7b")
 WORLD = 2  # gloo ranks of the torchrun runs

@@ -2,7 +2,7 @@
 
 What the device can do and which precision it runs in (device), whether a run fits before it
 starts (preflight, memory), the optimizers (optim, muon), the loss over a large vocabulary (loss),
-recomputation (activation_checkpoint), one process or many (distributed), checkpoints
+recomputation (activation_checkpoint), low-rank adapters (lora), one process or many (distributed), checkpoints
 (checkpoint), a start from a Hugging Face Llama (hf_llama reads it, init_from starts a run from
 it), the loop (loop), the run's record (runlog, bits_per_byte) and its money (budget).
 

@@ -33,8 +33,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from rodin.data.tokenizer import checkpoint_tokenizer
-from rodin.io import atomic_write_text, fsync_dir, fsync_file
+from rodin.io import atomic_write_text, fsync_dir, fsync_file, sha256
 from rodin.model import LLaMA, ModelConfig
+from rodin.train import hf_llama, lora
 from rodin.train.optim import parts
 
 MANIFEST = "MANIFEST.json"
@@ -45,17 +46,38 @@ def checkpoint_root(run_dir):
 
 
 def model_tensors(model):
-    """The model's state dict, a tied output matrix stored once (safetensors refuses shared storage)."""
-    state = model.state_dict()
+    """The model's state dict, a tied output matrix stored once (safetensors refuses shared storage);
+    under LoRA the adapters alone: the frozen base is referenced by the checkpoint's meta "origin"."""
+    state = trained_part(model, model.state_dict())
     if getattr(model.cfg, "tie_embeddings", False):
         state.pop("output.weight", None)
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
+def has_adapters(model):
+    return any(lora.is_adapter(name) for name, _ in model.named_parameters())
+
+
+def trained_part(model, state):
+    """What a checkpoint keeps of a state dict: all of it, or under LoRA the adapters alone."""
+    return {k: v for k, v in state.items() if lora.is_adapter(k)} if has_adapters(model) else state
+
+
+def expected_missing(model, tensors):
+    """Under LoRA a load fills one part: the base (its adapters come fresh) or the adapters (the base
+    loaded apart). Names of the other part are not missing."""
+    if not has_adapters(model):
+        return lambda name: False
+    adapters_only = any(lora.is_adapter(k) for k in tensors)
+    return lambda name: lora.is_adapter(name) != adapters_only
+
+
 def load_model_tensors(model, tensors, source):
-    if getattr(model.cfg, "tie_embeddings", False):
+    if getattr(model.cfg, "tie_embeddings", False) and "tok_embeddings.weight" in tensors:
         tensors = dict(tensors, **{"output.weight": tensors["tok_embeddings.weight"]})
     missing, unexpected = model.load_state_dict(tensors, strict=False)
+    other_part = expected_missing(model, tensors)
+    missing = [k for k in missing if not other_part(k)]
     if missing or unexpected:
         raise ValueError(f"{source}: weights do not fit the model config (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
@@ -249,6 +271,7 @@ def save_sharded(run_dir, step, model, optimizer, meta, keep, keep_every=0):
         os.makedirs(tmp)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, parts(optimizer))
+    model_state = trained_part(model, model_state)
     full = False
     try:
         with removed_if_disk_full(tmp):
@@ -472,18 +495,63 @@ def resume(path, meta, model, optimizer, data):
 
 def load_model(path, device="cpu"):
     """(model in eval mode, meta, checkpoint path) of a run directory's newest complete checkpoint
-    or of one checkpoint directory, for inference and export: its weights must read and be finite."""
+    or of one checkpoint directory, for inference and export: its weights must read and be finite.
+    A LoRA checkpoint's adapters are loaded over their base and merged into plain weights."""
     ckpt = resolve(path)
     meta = read_meta(ckpt)
     model = LLaMA(ModelConfig(**meta["config"]["model"])).to(device)
+    if meta.get("lora"):
+        settings = meta["lora"]
+        lora.apply(model, settings["rank"], settings["alpha"], lora.parse_targets(settings["targets"]), seed=0)
+        load_base(meta["origin"], model, ckpt)
     try:
         load(ckpt, model, restore_rng_state=False)
     except Exception as e:  # safetensors raises its own error type on a damaged file
         raise ValueError(f"{ckpt}/model.safetensors: unreadable weights ({first_line(e)}); use an older checkpoint") from None
+    if meta.get("lora"):
+        lora.merge(model)
     for name, p in model.named_parameters():
         if not torch.isfinite(p.detach()).all():
             raise ValueError(f"{ckpt}/model.safetensors: {name} holds NaN or infinite values; use an older checkpoint")
     return model.eval(), meta, ckpt
+
+
+def load_hf_weights(path, model):
+    """An HF Llama directory's weights into a model, sharded (FSDP2: rank 0 reads and broadcasts)
+    or not; cast to the model's dtypes, shapes as config.json says."""
+    if is_sharded_run():
+        load_full_into_sharded(model, hf_llama.rodin_tensors(path, model.cfg) if dist.get_rank() == 0 else {}, path)
+    else:
+        load_model_tensors(model, hf_llama.rodin_tensors(path, model.cfg), path)
+
+
+def base_origin(spec, ckpt):
+    """The origin of a rodin checkpoint used as a LoRA base: its path and its weights' sha256."""
+    if is_dcp(ckpt):
+        raise ValueError(f"--init_from={spec}: a LoRA base is read from one file; export a torchrun checkpoint to "
+                         "Hugging Face first (export.py --format=hf) and start from that directory")
+    return {"init_from": spec, "checkpoint": os.path.abspath(ckpt),
+            "files": {"model.safetensors": sha256(os.path.join(ckpt, "model.safetensors"))}}
+
+
+def load_base(origin, model, ckpt):
+    """The frozen base under a LoRA run's adapters, from where its origin says (a rodin checkpoint or
+    an HF directory, fetched again from the Hub if gone), refused if any of its files changed."""
+    if origin.get("checkpoint"):
+        path = origin["checkpoint"]
+    elif os.path.isdir(origin["path"]) or "repo" not in origin:
+        path = origin["path"]
+    else:
+        path = hf_llama.fetch(f"{hf_llama.HUB_PREFIX}{origin['repo']}@{origin['revision']}")
+    for name, digest in origin["files"].items():
+        file = os.path.join(path, name)
+        if not os.path.exists(file) or sha256(file) != digest:
+            raise ValueError(f"{file}: not the base the adapters of {ckpt} were trained on (sha256 {digest[:12]}…); "
+                             "put that file back, or train new adapters in another --name")
+    if origin.get("checkpoint"):
+        load(path, model, restore_rng_state=False)
+    else:
+        load_hf_weights(path, model)
 
 
 def load_run(path, tokenizer_path=None):
@@ -506,20 +574,23 @@ def load_dcp(path, model, optimizer=None):
 
 def _load_dcp(path, model, optimizer, no_dist):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
 
+    options = StateDictOptions(strict=not has_adapters(model))  # under LoRA the adapters alone
     if optimizer is None:
-        model_state = get_model_state_dict(model)
+        model_state = trained_part(model, get_model_state_dict(model))
         dcp.load({"model": model_state}, checkpoint_id=path, no_dist=no_dist)
-        set_model_state_dict(model, model_state)
+        set_model_state_dict(model, model_state, options=options)
     else:
         model_state, optim_state = get_state_dict(model, parts(optimizer))
+        model_state = trained_part(model, model_state)
         try:
             dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path, no_dist=no_dist)
         except Exception as e:  # DCP wraps a missing key in its own CheckpointException
             raise ValueError(f"{path}: its optimizer state does not fit this run's optimizer ({first_line(e)}); "
                              "start from its weights alone with --init_optimizer=false") from None
-        set_state_dict(model, parts(optimizer), model_state_dict=model_state, optim_state_dict=optim_state)
+        set_state_dict(model, parts(optimizer), model_state_dict=model_state, optim_state_dict=optim_state, options=options)
 
 
 def load_full_optimizer_into_sharded(model, optimizer, tensors, param_groups):
@@ -550,9 +621,11 @@ def load_full_into_sharded(model, tensors, source):
     so no other rank ever holds more than one whole tensor."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    if tensors and getattr(model.cfg, "tie_embeddings", False):
+    if getattr(model.cfg, "tie_embeddings", False) and "tok_embeddings.weight" in tensors:
         tensors = dict(tensors, **{"output.weight": tensors["tok_embeddings.weight"]})
     try:
-        set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # under LoRA each load fills one part, base or adapters (expected_missing)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not has_adapters(model))
+        set_model_state_dict(model, tensors, options=options)
     except RuntimeError as e:
         raise ValueError(f"{source}: weights do not fit the model config ({e})") from None

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from rodin.model import LLaMA
-from rodin.train import activation_checkpoint, fp8
+from rodin.train import activation_checkpoint, fp8, lora
 from rodin.train.checkpoint import load_full_into_sharded
 from rodin.train.device import has_cpp_compiler
 
@@ -84,6 +84,9 @@ def build_model(cfg, device, init_weights=True, varying_length=False):
     else:
         with torch.device("meta"):
             model = LLaMA(cfg.model)
+    if cfg.lora_rank:  # the base frozen (bf16 on CUDA), adapters on the blocks' matrices
+        lora.apply(model, cfg.lora_rank, cfg.lora_alpha, lora.parse_targets(cfg.lora_targets), cfg.seed,
+                   base_dtype=torch.bfloat16 if device.type == "cuda" else None)
     recipe = fp8.resolve(cfg, device)
     if recipe != "off":
         fp8.convert(model, recipe)
@@ -101,6 +104,8 @@ def build_model(cfg, device, init_weights=True, varying_length=False):
     shard(model, device)
     model.to_empty(device=device)  # this rank's shards only; the tied output stays tied
     model.init_rope()
+    if cfg.lora_rank:
+        load_full_into_sharded(model, lora.initial_adapters(model, cfg.seed) if is_main() else {}, "the initial adapters")
     if init_weights:
         full = {}
         if is_main():
@@ -148,6 +153,8 @@ def shard(model, device):
     else:
         mp = MixedPrecisionPolicy()
     for block in model.layers:
+        for adapter in [m for m in block.modules() if isinstance(m, lora.Adapter)]:
+            fully_shard(adapter, mp_policy=mp)  # fp32 and trained: a group apart from the frozen bf16 base
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model

@@ -13,12 +13,10 @@ import dataclasses
 import json
 import os
 
-import torch.distributed as dist
-
 from rodin.data.tokenizer import Tokenizer
 from rodin.io import atomic_write_text
-from rodin.train.checkpoint import is_sharded_run, load_full_into_sharded, load_model_tensors
-from rodin.train.hf_llama import HUB_PREFIX, fetch, origin, read_config, rodin_tensors
+from rodin.train.checkpoint import load_hf_weights
+from rodin.train.hf_llama import HUB_PREFIX, fetch, origin, read_config
 
 ORIGIN = "origin.json"  # in the run directory: where its weights came from
 
@@ -52,15 +50,6 @@ def write_origin(run_dir, record):
     atomic_write_text(os.path.join(run_dir, ORIGIN), json.dumps(record, indent=2) + "\n")
 
 
-def load_weights(path, model):
-    """An HF Llama directory's weights into a run's model, sharded (FSDP2: rank 0 reads and
-    broadcasts) or not; shapes must match config.json."""
-    if is_sharded_run():
-        load_full_into_sharded(model, rodin_tensors(path, model.cfg) if dist.get_rank() == 0 else {}, path)
-    else:
-        load_model_tensors(model, rodin_tensors(path, model.cfg), path)
-
-
 def run_config(cfg):
     """(cfg, tokenizer): the run config with the model shape and the tokenizer of an HF --init_from
     (its config.json and tokenizer.model; from the Hub, these small files alone are fetched)."""
@@ -75,5 +64,5 @@ def start(spec, model, is_main):
     """Load an HF --init_from's weights into the run's model (fetched first if from the Hub);
     returns its origin on the main process (hashing the weights once), None on the others."""
     path = fetch(spec)
-    load_weights(path, model)
+    load_hf_weights(path, model)
     return origin(spec, path) if is_main else None

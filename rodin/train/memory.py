@@ -32,7 +32,7 @@ def estimate(cfg):
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from rodin.model import LLaMA
-    from rodin.train import activation_checkpoint
+    from rodin.train import activation_checkpoint, lora
     from rodin.train.device import autocast
     from rodin.train.loop import train_step
     from rodin.train.loss import make_loss_fn
@@ -43,6 +43,8 @@ def estimate(cfg):
     cfg = dataclasses.replace(cfg, grad_accum_steps=min(cfg.grad_accum_steps, 2))
     with FakeTensorMode():
         model = LLaMA(cfg.model)
+        if cfg.lora_rank:  # as distributed.build_model on CUDA: the frozen base in bf16
+            lora.apply(model, cfg.lora_rank, cfg.lora_alpha, lora.parse_targets(cfg.lora_targets), cfg.seed, torch.bfloat16)
         activation_checkpoint.apply(model, cfg.activation_checkpointing)
         optimizer = optimizer_for(model, cfg, fused=True)
         # ids are never read by a fake embedding: zeros are as good as a batch
@@ -50,6 +52,9 @@ def estimate(cfg):
         amp = autocast(device, "bf16", cache=cfg.activation_checkpointing == "none")  # as train.py on a GPU
         tracker = MemTracker()
         tracker.track_external(model)
+        for p in model.parameters():
+            if not p.requires_grad:  # a LoRA base: torch 2.13's MemTracker would hook it for gradients and raise
+                tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
 
         def next_batch():
             tracker.reset_mod_stats()  # per-module figures are one forward's; the overall peak stays
@@ -64,6 +69,13 @@ def estimate(cfg):
     figures = {name: snapshot.get(kind, 0) / GIB for kind, name in KINDS.items()}
     figures["peak"] = snapshot["Total"] / GIB
     return figures
+
+
+class _NoHook:
+    """Stands for the gradient hooks MemTracker installs on a parameter, for one that gets no gradient."""
+
+    def remove(self):
+        pass
 
 
 def per_device_gib(figures, world_size):
