@@ -118,7 +118,8 @@ def main(argv=None):
     parser.add_argument("--preset", default="cpu-demo")
     parser.add_argument("--steps", type=int, default=500, help="every recipe's max_steps (500: cpu-demo's before Muon)")
     parser.add_argument("--eval_every", type=int, default=25)
-    parser.add_argument("--recipes", default=",".join(RECIPES), help="names of RECIPES or optimizer-dtype; the first is the reference")
+    parser.add_argument("--recipes", default="adamw-fp32,adamw-auto,muon-auto",
+                        help=f"names of RECIPES ({', '.join(RECIPES)}) or optimizer-dtype; the first is the reference")
     parser.add_argument("--args", default="", help="more train.py options for every recipe, e.g. '--lr=2e-3'")
     parser.add_argument("--plot", default=None, help="the PNG (default: recipe.png beside the results file)")
     parser.add_argument("--quick", action="store_true", help="the `test` preset, a few steps (for the test suite)")
