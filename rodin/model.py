@@ -111,18 +111,29 @@ class Attention(nn.Module):
         if n_rep > 1 and (mask is not None or start_pos > 0):
             # with a mask, SDPA's enable_gqa falls back to the O(T^2) math kernel: copy K and V instead
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        elif start_pos == 0:
-            # enable_gqa: SDPA groups the heads itself, no copies of K and V (5 % of a CPU step)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+        if x.device.type == "cpu" and q.dtype == torch.bfloat16:
+            # CPU's flash-attention kernel runs its backward 1.3x faster in fp32 than in bf16 (demo
+            # shape, bench/train_throughput.py); autocast would cast fp32 inputs back to bf16
+            with torch.autocast("cpu", enabled=False):
+                y = attend(q.float(), k.float(), v.float(), start_pos, mask).to(q.dtype)
         else:
-            # decoding after a prefix: query i sits at absolute position start_pos + i
-            past_and_new = torch.arange(k.size(2), device=x.device)
-            mask = past_and_new[None, :] <= (start_pos + torch.arange(T, device=x.device))[:, None]
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = attend(q, k, v, start_pos, mask)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
+
+def attend(q, k, v, start_pos=0, mask=None):
+    """Scaled dot-product attention of (B, heads, T, head_dim) queries on keys and values that
+    have as many heads or fewer (GQA), causal, within a mask, or after a cached prefix."""
+    n_rep = q.size(1) // k.size(1)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if start_pos == 0:
+        # enable_gqa: SDPA groups the heads itself, no copies of K and V (5 % of a CPU step)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+    # decoding after a prefix: query i sits at absolute position start_pos + i
+    past_and_new = torch.arange(k.size(2), device=q.device)
+    mask = past_and_new[None, :] <= (start_pos + torch.arange(q.size(2), device=q.device))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):

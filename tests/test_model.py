@@ -122,6 +122,36 @@ def test_rms_norm_is_computed_in_fp32_for_bf16_inputs():
     torch.testing.assert_close(norm(x.bfloat16()), expected)
 
 
+def test_bf16_attention_on_cpu_runs_in_fp32_under_autocast_and_returns_bf16(monkeypatch):
+    # CPU's flash-attention backward is faster in fp32 (bench/train_throughput.py); autocast would
+    # otherwise cast the fp32 inputs back down to bf16
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append(q.dtype) or sdpa(q, k, v, **kw))
+    model = tiny_model()
+    attn = model.layers[0].attention
+    x = torch.randn(2, 10, TINY.dim)
+    cos, sin = model.rope_cos[:10], model.rope_sin[:10]
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with bf16, torch.no_grad():
+        y = attn(x, cos, sin)
+        q, k, v = bf16_qkv(attn, x, cos, sin)
+    with torch.no_grad():
+        attended = sdpa(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True).bfloat16()
+    with bf16, torch.no_grad():
+        expected = attn.wo(attended.transpose(1, 2).reshape(2, 10, -1))
+    assert seen[0] == torch.float32 and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, expected)
+
+
+def bf16_qkv(attn, x, cos, sin):
+    """The bf16 queries, keys and values an Attention layer computes under CPU autocast."""
+    B, T, _ = x.shape
+    q = attn.wq(x).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+    k = attn.wk(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    v = attn.wv(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_kv_cache_generation_gives_the_tokens_of_full_recomputation(kv_heads):
     model = tiny_model(n_kv_heads=kv_heads)
