@@ -156,8 +156,9 @@ def finetune(cfg, device, lifeline):
         say(f"fine-tuning {init_ckpt}")
     os.makedirs(run_dir, exist_ok=True)
     log = None
-    if is_main:
+    if rank in lifeline.owners:  # every node's disk: rodin supervise reads max_steps there
         save_config(cfg, os.path.join(run_dir, "config.json"))
+    if is_main:
         copy_into_run(tokenizer, run_dir)  # the run works without data/ (chat, export, eval, --init_from)
         if origin:
             init_from.write_origin(run_dir, origin)
