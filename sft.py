@@ -187,7 +187,7 @@ def finetune(cfg, device, lifeline):
     lifeline.send("start", step=step, max_steps=cfg.max_steps, world_size=world, **budget.figures(cfg.max_steps - step))
     loss, stopped = run_steps(
         cfg, state, model=model, optimizer=optimizer, next_batch=batches.next, device=device, amp=amp, loss_fn=loss_fn,
-        run_eval=run_eval, save_checkpoint=save_checkpoint, log=log, notify=lifeline.send, status=lifeline.mirror_status,
+        run_eval=run_eval, save_checkpoint=save_checkpoint, log=log, notify=lifeline.send, status=lifeline.mirror_status, checkpoint_before=lifeline.checkpoint_before,
         sequences_at=lambda step: global_batch,
         tokens_in=lambda batch: int((batch[0] != pad_id).sum()),  # padding is not data
         budget=budget, flops_per_token=model.flops_per_token(cfg.seq_len), peak=peak_flops(device))
