@@ -156,8 +156,9 @@ def finetune(cfg, device, lifeline):
         say(f"fine-tuning {init_ckpt}")
     os.makedirs(run_dir, exist_ok=True)
     log = None
-    if is_main:
+    if rank in lifeline.owners:  # every node's disk: rodin supervise reads max_steps there
         save_config(cfg, os.path.join(run_dir, "config.json"))
+    if is_main:
         copy_into_run(tokenizer, run_dir)  # the run works without data/ (chat, export, eval, --init_from)
         if origin:
             init_from.write_origin(run_dir, origin)
@@ -186,7 +187,7 @@ def finetune(cfg, device, lifeline):
     lifeline.send("start", step=step, max_steps=cfg.max_steps, world_size=world, **budget.figures(cfg.max_steps - step))
     loss, stopped = run_steps(
         cfg, state, model=model, optimizer=optimizer, next_batch=batches.next, device=device, amp=amp, loss_fn=loss_fn,
-        run_eval=run_eval, save_checkpoint=save_checkpoint, log=log, notify=lifeline.send, status=lifeline.mirror_status,
+        run_eval=run_eval, save_checkpoint=save_checkpoint, log=log, notify=lifeline.send, status=lifeline.mirror_status, checkpoint_before=lifeline.checkpoint_before,
         sequences_at=lambda step: global_batch,
         tokens_in=lambda batch: int((batch[0] != pad_id).sum()),  # padding is not data
         budget=budget, flops_per_token=model.flops_per_token(cfg.seq_len), peak=peak_flops(device))

@@ -214,7 +214,7 @@ def train(cfg, device, lifeline):
         loss_fn=loss_fn, run_eval=run_eval, save_checkpoint=save_checkpoint, log=log, notify=lifeline.send,
         sequences_at=lambda step: batch_size_at(step, full_batch, cfg.rampup_start, cfg.rampup_increment, cfg.rampup_steps),
         tokens_in=lambda batch: batch[0].numel(), budget=budget, flops_per_token=flops_per_token, peak=peak,
-        sample=sample, status=lifeline.mirror_status)
+        sample=sample, status=lifeline.mirror_status, checkpoint_before=lifeline.checkpoint_before)
     step = state["step"]
     lifeline.wait_for_uploads()
     if stopped:

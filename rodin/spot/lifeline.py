@@ -58,11 +58,12 @@ class Lifeline:
         it carries. Nodes with their own disks each fetch the one rank 0 names: the newest in the
         mirror, unless every node holds a newer one whole. Every rank waits for it; returns a
         message or None."""
-        restored = None
+        restored, problem = None, None
         if len(self.owners) > 1:
-            restored = self.restore_on_every_disk()
+            restored, problem = self.restore_on_every_disk()
         elif self.mirror is not None and checkpoint.latest(self.run_dir) is None:
-            restored = self.mirror.restore_latest(self.run_dir)
+            restored, problem = self.mirror_call("restore from it", lambda: self.mirror.restore_latest(self.run_dir))
+        self.raise_on_every_rank(problem)
         if restored:
             checkpoint.restore_record(restored, self.run_dir)  # the curve too, not only the weights
         distributed.barrier()
@@ -70,17 +71,60 @@ class Lifeline:
         return f"restored {restored} from the mirror {self.mirror_url}" if restored else None
 
     def restore_on_every_disk(self):
+        """(this node's path of the checkpoint it fetched or None, a line if that failed)."""
         local = checkpoint.latest(self.run_dir) if self.mirror is not None else None
         names = distributed.gather_objects(local and os.path.basename(local))
         held = {names[r] for r in self.owners}
         newest_everywhere = held.pop() if len(held) == 1 else None
+        choice, problem = None, None
         if distributed.is_main():
-            complete = self.mirror.complete()
+            complete, problem = self.mirror_call("list its checkpoints", self.mirror.complete)
             choice = max(filter(None, [newest_everywhere, complete[-1] if complete else None]), default=None)
-        name = distributed.from_rank_0(choice if distributed.is_main() else None)
-        if name is None or name == newest_everywhere or (local and os.path.basename(local) == name):
+        name, problem = distributed.from_rank_0((choice, problem))
+        if problem or name is None or name == newest_everywhere:
+            return None, problem
+        if self.mirror is None or (local and os.path.basename(local) == name):
+            return None, None
+        return self.mirror_call(f"restore {name}", lambda: self.mirror.download(name, self.run_dir))
+
+    @staticmethod
+    def raise_on_every_rank(problem):
+        """This rank's line or None: the first rank's line is raised on every rank (a collective)."""
+        problems = [p for p in distributed.gather_objects(problem) if p]
+        if problems:
+            raise ValueError(problems[0])
+
+    def mirror_call(self, what, call):
+        """(call(), None), or (None, one line naming --mirror, what failed and the fix) when the
+        mirror raises, whatever its filesystem raises."""
+        try:
+            return call(), None
+        except Exception as e:
+            return None, (f"--mirror={self.mirror_url}: cannot {what} ({type(e).__name__}: {checkpoint.first_line(e)}) "
+                          f"on rank {distributed.rank()}; check the URL, its credentials and the network from every node, "
+                          "then relaunch the same command")
+
+    def checkpoint_before(self, step):
+        """The guard's rollback target: this node's path of the newest whole checkpoint before
+        `step`, the same on every rank, or None. Nodes with their own disks hold only their part of
+        each: they wait for their uploads (at most --mirror_timeout_s) and fetch it from the mirror."""
+        if len(self.owners) == 1:
+            return checkpoint.newest_before(self.run_dir, step)
+        if self.mirror is not None:
+            self.mirror.wait(self.timeout_s)
+        choice, problem = None, None
+        if distributed.is_main():
+            complete, problem = self.mirror_call("list its checkpoints", self.mirror.complete)
+            choice = next((n for n in reversed(complete or []) if checkpoint.step_of(n) < step), None)
+        name, problem = distributed.from_rank_0((choice, problem))
+        if name is None or problem:
+            self.raise_on_every_rank(problem)
             return None
-        return self.mirror.download(name, self.run_dir) if self.mirror is not None else None
+        path = os.path.join(checkpoint.checkpoint_root(self.run_dir), name)
+        if self.mirror is not None and not (checkpoint.verify(path) is None and checkpoint.is_whole(path)):
+            _, problem = self.mirror_call(f"restore {name}", lambda: self.mirror.download(name, self.run_dir))
+        self.raise_on_every_rank(problem)
+        return path
 
     def send(self, event, **fields):
         self.notifier.send(event, **fields)

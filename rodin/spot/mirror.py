@@ -15,12 +15,13 @@ Frozen decisions:
 - A mirror that raises or hangs never stops training: a failed upload is retried with backoff
   (5 s doubling to 5 min) in the background while later checkpoints queue behind it (the backlog),
   and status() says how far behind the mirror is, for the progress bar, metrics.jsonl and webhook.
+  Only the newest queued checkpoint waits (and milestones): a newer one drops the older, so the
+  hard-linked snapshots of checkpoints pruned locally cannot fill the disk during an outage.
   close(timeout) waits a bounded time: a thread stuck in a hung call cannot be stopped, only left.
 """
 
 import json
 import os
-import queue
 import shutil
 import threading
 import time
@@ -29,7 +30,7 @@ import warnings
 import fsspec
 
 from rodin.io import atomic_write_text, fsync_dir, sha256
-from rodin.train.checkpoint import MANIFEST, checkpoint_root, prunable, verify
+from rodin.train.checkpoint import MANIFEST, checkpoint_root, prunable, step_of, verify
 
 
 def open_url(url):
@@ -48,30 +49,48 @@ class Mirror:
         self.fs, self.root = open_url(self.url)
         self.keep, self.keep_every = keep, keep_every  # as the run directory: the newest `keep` and the milestones
         self.retry_s, self.max_retry_s = retry_s, max_retry_s
-        self.queue = queue.Queue()
+        self.pending = []  # [snapshot, on_done, submit time] not yet on the mirror, oldest first; the first is uploading
+        self.changed = threading.Condition()
+        self.behind_since = None  # submit time of the oldest checkpoint the mirror has waited for since its last upload
         self.errors = []
         self.thread = None
-        self.waiting = []  # submit times of the checkpoints not yet on the mirror, oldest first
         self.failures = 0  # failed attempts since the last upload that succeeded
         self.closing, self.given_up = threading.Event(), threading.Event()
+        self.staging_cleared = False
 
     # ---- upload ---------------------------------------------------------------------------
 
     def submit(self, checkpoint_dir, on_done=None):
-        """Queue a complete local checkpoint for upload; returns at once."""
+        """Queue a complete local checkpoint for upload; returns at once. The queued checkpoints it
+        supersedes are dropped (milestones stay): through a long outage the disk holds the snapshots
+        of two checkpoints at most, the one uploading and the newest, whatever local pruning removed."""
         snapshot = self._snapshot(checkpoint_dir)
+        with self.changed:
+            for item in [i for i in self.pending[1:] if not self.is_milestone(i[0])]:
+                warnings.warn(f"{self.url}: {os.path.basename(item[0])} dropped from the upload queue, superseded by "
+                              f"{os.path.basename(snapshot)} (the mirror is behind; only the newest waits)")
+                shutil.rmtree(item[0], ignore_errors=True)
+                self.pending.remove(item)
+            self.pending.append([snapshot, on_done, time.time()])
+            self.behind_since = self.behind_since or time.time()
+            self.changed.notify_all()
         if self.thread is None:
             self.closing.clear()
             self.given_up.clear()
             self.thread = threading.Thread(target=self._worker, name="rodin-mirror", daemon=True)
             self.thread.start()
-        self.waiting.append(time.time())
-        self.queue.put((snapshot, on_done))
+
+    def is_milestone(self, path):
+        return bool(self.keep_every) and step_of(path) % self.keep_every == 0
 
     def _snapshot(self, checkpoint_dir):
-        """Hard links to the checkpoint's files (a copy where links are impossible)."""
-        staging = os.path.join(os.path.dirname(os.path.dirname(checkpoint_dir)), ".mirror-staging",
-                               os.path.basename(checkpoint_dir))
+        """Hard links to the checkpoint's files (a copy where links are impossible). A launch's first
+        snapshot removes those a killed launch left: their uploads died with it."""
+        staging_root = os.path.join(os.path.dirname(os.path.dirname(checkpoint_dir)), ".mirror-staging")
+        if not self.staging_cleared:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            self.staging_cleared = True
+        staging = os.path.join(staging_root, os.path.basename(checkpoint_dir))
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
         for name in os.listdir(checkpoint_dir):
@@ -84,24 +103,29 @@ class Mirror:
 
     def _worker(self):
         while True:
-            item = self.queue.get()
-            if item is None:
-                self.queue.task_done()
-                return
-            snapshot, on_done = item
+            with self.changed:
+                self.changed.wait_for(lambda: self.pending or self.closing.is_set())
+                if not self.pending:
+                    return
+                snapshot, on_done, _ = self.pending[0]
+            remote = None
             try:
                 remote = self.upload_until_done(snapshot)
                 if on_done and remote:
                     on_done(remote)
             finally:
                 shutil.rmtree(snapshot, ignore_errors=True)
-                self.waiting.pop(0)
-                self.queue.task_done()
+                with self.changed:
+                    self.pending.pop(0)
+                    if remote or not self.pending:  # a dropped checkpoint leaves the mirror as far behind
+                        self.behind_since = self.pending[0][2] if self.pending else None
+                    self.changed.notify_all()
 
     def upload_until_done(self, snapshot):
         """upload(), again after each failure with a doubling delay: a mirror down for ten minutes
-        costs nothing but the wait, and the checkpoints queued meanwhile follow once it answers."""
-        delay = self.retry_s
+        costs nothing but the wait, and the checkpoints queued meanwhile follow once it answers. A
+        checkpoint that fails while a newer one waits behind it is given up for that one."""
+        delay, name = self.retry_s, os.path.basename(snapshot)
         while not self.given_up.is_set():
             try:
                 remote = self.upload(snapshot)
@@ -110,15 +134,21 @@ class Mirror:
             except Exception as e:  # any error of any filesystem: training must not stop for it
                 self.errors.append(e)
                 self.failures += 1
-                warnings.warn(f"{self.url}: upload of {os.path.basename(snapshot)} failed ({e}); retrying in {delay:.0f} s")
+                with self.changed:
+                    superseded = len(self.pending) > 1 and not self.is_milestone(snapshot)
+                if superseded:
+                    warnings.warn(f"{self.url}: upload of {name} failed ({e}); dropped for the newer checkpoint queued behind it")
+                    return None
+                warnings.warn(f"{self.url}: upload of {name} failed ({e}); retrying in {delay:.0f} s")
                 self.closing.wait(delay)  # at the run's end, retry at the shortest delay
                 delay = self.retry_s if self.closing.is_set() else min(2 * delay, self.max_retry_s)
 
     def status(self):
         """{"mirror_backlog": checkpoints not yet on the mirror, "mirror_behind_s": how long the
-        oldest of them has waited, "mirror_failures": failed attempts since the last success}."""
-        waiting = list(self.waiting)
-        return {"mirror_backlog": len(waiting), "mirror_behind_s": time.time() - waiting[0] if waiting else 0.0,
+        mirror has waited for the oldest of them, "mirror_failures": failed attempts since the last success}."""
+        with self.changed:
+            backlog, since = len(self.pending), self.behind_since
+        return {"mirror_backlog": backlog, "mirror_behind_s": time.time() - since if since else 0.0,
                 "mirror_failures": self.failures}
 
     def upload(self, checkpoint_dir):
@@ -142,18 +172,24 @@ class Mirror:
                 self.fs.put_file(path, f"{remote}/{relative}")
                 files[relative] = {"size": os.path.getsize(path), "sha256": sha256(path)}
         self.fs.makedirs(f"{remote}/parts", exist_ok=True)
-        with self.fs.open(f"{remote}/parts/rank-{self.rank}.json", "w") as f:
-            f.write(json.dumps(files, indent=2))
+        self.write_whole(f"{remote}/parts/rank-{self.rank}.json", json.dumps(files, indent=2))
         if self.rank != 0:
             return remote
         files = self._wait_for_parts(remote)
-        step = int(name[len("step-"):])
+        step = step_of(name)
         local_manifest = {"step": step, "whole": True, "files": {k: v["size"] for k, v in files.items()}}
         manifest = {"step": step, "files": files, "local_manifest": local_manifest}
-        with self.fs.open(f"{remote}/{MANIFEST}", "w") as f:  # the marker: every node's files are there
-            f.write(json.dumps(manifest, indent=2))
+        self.write_whole(f"{remote}/{MANIFEST}", json.dumps(manifest, indent=2))  # the marker: every node's files are there
         self.prune()
         return remote
+
+    def write_whole(self, path, text):
+        """A small file that appears whole or not at all: written beside, then moved (a rename on a
+        mounted path, one object on a bucket), so a process killed mid-write leaves no half marker."""
+        tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp"
+        with self.fs.open(tmp, "w") as f:
+            f.write(text)
+        self.fs.mv(tmp, path)
 
     def _wait_for_parts(self, remote):
         """Every node's file list of a checkpoint, merged, once all are in the mirror."""
@@ -182,18 +218,20 @@ class Mirror:
             if complete and name < complete[-1] and name not in complete:
                 self.fs.rm(f"{self.root}/{name}", recursive=True)
 
-    def wait(self):
-        """Block until every queued upload has finished (at exit, before the machine goes)."""
-        if self.thread is not None:
-            self.queue.join()
+    def wait(self, timeout=None):
+        """Block until every queued upload has finished, at most `timeout` seconds (None: as long as
+        it takes); whether they did."""
+        with self.changed:
+            return self.changed.wait_for(lambda: not self.pending, timeout)
 
     def close(self, timeout=None):
         """Upload what is queued, waiting at most `timeout` seconds (None: as long as it takes);
         whether everything reached the mirror. A worker stuck in a hung call is left behind."""
         if self.thread is None:
             return True
-        self.closing.set()
-        self.queue.put(None)
+        with self.changed:
+            self.closing.set()
+            self.changed.notify_all()
         self.thread.join(timeout)
         done = not self.thread.is_alive()
         if not done:

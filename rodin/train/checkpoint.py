@@ -365,6 +365,16 @@ def complete_checkpoints(run_dir, parts=False):
     return paths if parts else [p for p in paths if is_whole(p)]
 
 
+def newest_before(run_dir, step):
+    """The newest whole checkpoint of the run directory before `step` (rank 0's disk decides, for
+    every rank), or None: the guard's rollback target."""
+    before = [p for p in complete_checkpoints(run_dir) if step_of(p) < step]
+    box = [before[-1] if before else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def latest(run_dir):
     """The newest complete checkpoint, warning about newer ones that are partial or corrupt."""
     root = checkpoint_root(run_dir)

@@ -144,7 +144,8 @@ def run_steps(cfg, state, **parts):
 
 
 def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_fn, run_eval, save_checkpoint, log,
-          sequences_at, tokens_in, budget, flops_per_token=None, peak=None, sample=None, notify=None, status=None):
+          sequences_at, tokens_in, budget, flops_per_token=None, peak=None, sample=None, notify=None, status=None,
+          checkpoint_before=None):
     """The step loop that pretraining and SFT share: schedule, step, log, evaluate, checkpoint (every
     cfg.ckpt_every steps, every cfg.ckpt_every_minutes, at milestones), and stop at the same step on
     every rank when a signal arrives or the budget (a rodin.train.budget.Budget) is spent.
@@ -156,6 +157,9 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
     run_eval(): {"val_loss": …, …}. log: a RunLog, or None on ranks other than 0.
     sample(step): called every cfg.sample_every steps. notify(event, **fields): the webhook.
     status(): more figures for each logged record (the mirror's: rodin.spot.lifeline.Lifeline.mirror_status).
+    checkpoint_before(step): the guard's rollback target, the path of the newest whole checkpoint
+    before step on this rank's disk, or None (rodin.spot.lifeline.Lifeline.checkpoint_before; without
+    it, the run directory's: checkpoint.newest_before).
     Returns (last loss, stop reason or None); the reason "budget" when the cap stopped the run,
     "diverged" when the guard did."""
     world = distributed.world_size()
@@ -172,7 +176,7 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
     def go_back(loss, trouble=None):
         """roll_back, told to the webhook; True when the run must stop as diverged."""
         nonlocal saved_step
-        record = roll_back(cfg, state, model, optimizer, device, sequences_at, log, loss, trouble)
+        record = roll_back(cfg, state, model, optimizer, device, sequences_at, log, loss, trouble, checkpoint_before)
         if record is not None and notify is not None:
             notify("rollback", **record)
         if record is None or guard.diverged():
@@ -290,7 +294,7 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
     return loss, None
 
 
-def roll_back(cfg, state, model, optimizer, device, sequences_at, log, loss, trouble=None):
+def roll_back(cfg, state, model, optimizer, device, sequences_at, log, loss, trouble=None, checkpoint_before=None):
     """Back to the newest checkpoint that predates the guard's trouble (rank 0 picks it): weights,
     optimizer state, RNG, step and tokens seen come back, the data cursor does not, so the batches
     trained on since then are skipped. loss: the spike's, None when the trouble was not finite.
@@ -299,11 +303,10 @@ def roll_back(cfg, state, model, optimizer, device, sequences_at, log, loss, tro
     trouble = trouble or guard.trouble_since or state["step"]
     guard.trouble_since = guard.trouble_since or trouble
     run_dir = os.path.join(cfg.out_dir, cfg.name)
-    before = [s for s in map(checkpoint.step_of, checkpoint.complete_checkpoints(run_dir)) if s < trouble]
-    target = distributed.from_rank_0(before[-1] if before else None)  # rank 0's disk decides, for all
-    if target is None:
+    path = (checkpoint_before or (lambda step: checkpoint.newest_before(run_dir, step)))(trouble)
+    if path is None:
         return None
-    path = os.path.join(checkpoint.checkpoint_root(run_dir), f"step-{target:07d}")
+    target = checkpoint.step_of(path)
     meta = checkpoint.load(path, model, optimizer)  # the data cursor stays where it is
     skipped = sum(sequences_at(s) for s in range(target, state["step"]))
     record = guard.rolled_back(state["step"], target, meta.get("guard"), loss, skipped)

@@ -137,18 +137,44 @@ def test_two_nodes_with_their_own_disks_killed_continue_exactly_from_the_mirror_
 
 def two_nodes(rank, scenarios, out):
     """One rank of a 2-process gloo group, each rank the first of its "node" (LOCAL_RANK=0), running
-    train.main on each scenario's argv for this rank in turn; what happened goes to out/<n>-rank<r>.txt."""
+    train.main (or the scenario's own main, sft.main) on each scenario's argv for this rank in turn,
+    under the scenario's fault if it names one (a function of the rank); what happened goes to
+    out/<n>-rank<r>.txt: "exit CODE", a ValueError's line, or the traceback of anything else."""
+    import traceback
+
     import torch
 
     torch.set_num_threads(1)
-    for n, (port, argvs) in enumerate(scenarios):
+    for n, scenario in enumerate(scenarios):
+        port, argvs, main, fault = (*scenario, None, None)[:4]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0")
+        undo = fault(rank) if fault else None
         try:
-            result = f"exit {train.main(argvs[rank])}"
+            result = f"exit {(main or train.main)(argvs[rank])}"
         except ValueError as e:
             result = str(e)
+        except Exception:
+            result = traceback.format_exc()
+        finally:
+            if undo:
+                undo()
         with open(os.path.join(out, f"{n}-rank{rank}.txt"), "w") as f:
             f.write(result)
+
+
+def failing(method, ranks, error, rank):
+    """A fault (with functools.partial, for two_nodes): the local filesystem's `method` raises
+    `error` on these ranks; returns its undo."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    real = getattr(LocalFileSystem, method)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    if rank in ranks:
+        setattr(LocalFileSystem, method, fail)
+    return lambda: setattr(LocalFileSystem, method, real)
 
 
 def test_nodes_that_disagree_or_have_local_disks_without_a_mirror_are_refused_and_a_shared_run_directory_is_allowed(
@@ -174,3 +200,48 @@ def test_nodes_that_disagree_or_have_local_disks_without_a_mirror_are_refused_an
     assert not (tmp_path / "n0" / "run" / "checkpoints").exists()  # refused before the first step
     assert said[2] == ["exit 0", "exit 0"]
     assert checkpoint.step_of(checkpoint.latest(tmp_path / "shared" / "run")) == 2  # one whole checkpoint
+
+
+def test_a_mirror_that_cannot_be_listed_or_restored_from_on_one_node_stops_every_node_with_one_line_and_sft_writes_config_on_each(
+        demo_data, tmp_path):
+    import functools
+
+    import torch.multiprocessing as mp
+
+    import sft
+    from conftest import littre_slice, make_run, write_jsonl
+
+    def argv(node, *args):
+        return ["--preset=test", f"--data_dir={demo_data['dir']}", f"--tokenizer={demo_data['tokenizer']}",
+                f"--out_dir={tmp_path / node}", "--name=run", "--micro_batch_size=2", "--max_steps=2",
+                f"--mirror=file://{tmp_path / 'm'}", *args]
+
+    base, _ = make_run(tmp_path / "base", demo_data["tokenizer"])
+    rows = write_jsonl(tmp_path / "chat.jsonl", littre_slice(40))
+
+    def sft_argv(node):
+        return ["--preset=test", f"--init_from={base}", f"--data={rows}", f"--out_dir={tmp_path / node}", "--name=sft",
+                "--seq_len=128", "--val_fraction=0.1", "--micro_batch_size=2", "--max_steps=2",
+                f"--mirror=file://{tmp_path / 'sft-m'}"]
+
+    scenarios = [
+        (free_port(), [argv("n0"), argv("n1")]),  # a checkpoint on the mirror, each node its part on its disk
+        (free_port(), [argv("f0"), argv("f1")], None, functools.partial(failing, "ls", {0, 1}, PermissionError("denied"))),
+        (free_port(), [argv("g0"), argv("g1")], None, functools.partial(failing, "get_file", {1}, ConnectionError("reset"))),
+        (free_port(), [sft_argv("s0"), sft_argv("s1")], sft.main),
+    ]
+    mp.spawn(two_nodes, args=(scenarios, str(tmp_path)), nprocs=2)
+    said = [[(tmp_path / f"{n}-rank{r}.txt").read_text() for r in range(2)] for n in range(len(scenarios))]
+    assert said[0] == ["exit 0", "exit 0"]
+    # the listing fails on rank 0, which alone lists: both ranks say it, neither hangs
+    assert said[1][0] == said[1][1] == (f"--mirror=file://{tmp_path / 'm'}: cannot list its checkpoints (PermissionError: "
+                                        "denied) on rank 0; check the URL, its credentials and the network from every "
+                                        "node, then relaunch the same command")
+    # the download fails on rank 1 alone: rank 0, which restored, stops with rank 1's line
+    assert said[2][0] == said[2][1] and said[2][0].startswith(f"--mirror=file://{tmp_path / 'm'}: cannot restore "
+                                                              "step-0000002 (ConnectionError: reset) on rank 1;")
+    assert not (tmp_path / "g1" / "run" / "checkpoints" / "step-0000002").exists()
+    # SFT on nodes with their own disks: each disk has the run's config.json (rodin supervise reads it there)
+    assert said[3] == ["exit 0", "exit 0"]
+    for node in ("s0", "s1"):
+        assert json.loads((tmp_path / node / "sft" / "config.json").read_text())["max_steps"] == 2

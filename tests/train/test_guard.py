@@ -226,10 +226,13 @@ def test_a_run_that_keeps_diverging_stops_in_one_line_and_is_not_relaunched(demo
     every_checkpoint_is_finite(tmp_path)
 
 
-def guarded_rank(rank, port, argv, out_dir):
+def guarded_rank(rank, port, argv, out_dir, own_disks=False):
     """One rank of a 2-process gloo group: rank 1's batch of step 7 is not finite, rank 0's batches
-    of steps 12-14 spike."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    of steps 12-14 spike. own_disks: each rank a node of its own with its run in out_dir/node<rank>."""
+    local_rank = "0" if own_disks else str(rank)
+    if own_disks:
+        argv = [*argv, f"--out_dir={os.path.join(out_dir, f'node{rank}')}"]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=local_rank)
     torch.set_num_threads(1)
     positions, how = ({position(7)}, "nan") if rank == 1 else ({position(s) for s in (12, 13, 14)}, 20.0)
     TrainBatches.next, loop.forward_backward, _ = poisoned(positions, how)
@@ -261,3 +264,29 @@ def test_under_torchrun_trouble_on_one_rank_is_met_by_all_as_one_process_meets_i
     assert after[0] == pytest.approx(after[1], rel=1e-4)
     for path in checkpoint.complete_checkpoints(tmp_path / "two" / "run"):  # distributed checkpoints, all finite
         checkpoint.load_model(path)
+
+
+def test_a_rollback_on_nodes_with_their_own_disks_takes_its_checkpoint_whole_from_the_mirror(demo_data, tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+    from test_distributed import free_port
+
+    from rodin.spot.mirror import Mirror
+
+    args = ["--preset=test", f"--data_dir={demo_data['dir']}", f"--tokenizer={demo_data['tokenizer']}", "--name=run",
+            *GUARDED, "--max_steps=20"]
+    mp.spawn(guarded_rank, args=(free_port(), [*args, "--micro_batch_size=2", "--keep_checkpoints=9",
+                                                       f"--mirror=file://{tmp_path / 'm'}"],
+                                 str(tmp_path), True), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text())["code"] for r in range(2)] == [0, 0]
+    poison(monkeypatch, {position(7)}, "nan")
+    poison(monkeypatch, {position(s) for s in (12, 13, 14)}, 20.0)
+    assert train.main([*args, f"--out_dir={tmp_path / 'one'}"]) == 0
+    nodes, one = records(tmp_path / "node0"), records(tmp_path / "one")
+    rollbacks = [(r["rollback"]["from_step"], r["rollback"]["to_step"]) for r in nodes if "rollback" in r]
+    assert rollbacks == [(r["rollback"]["from_step"], r["rollback"]["to_step"]) for r in one if "rollback" in r] == [(14, 8)]
+    after = [[r["loss"] for r in rows if "loss" in r] for rows in (nodes, one)]
+    assert after[0] == pytest.approx(after[1], rel=1e-4)
+    for node in ("node0", "node1"):  # each disk got the rollback's checkpoint whole; of the others its part
+        held = checkpoint.complete_checkpoints(tmp_path / node / "run", parts=True)
+        assert [os.path.basename(p) for p in held if checkpoint.is_whole(p)] == ["step-0000008"], held
+    assert Mirror(str(tmp_path / "m")).complete()[-1] == "step-0000020"
