@@ -4,6 +4,8 @@ call to take its shape and tokenizer, load its weights into the run's model and 
 Frozen decisions:
 - --init_from is an HF model when it is hf:ORG/NAME[@revision], or a directory with config.json
   that is neither a rodin run nor a checkpoint; its shape and tokenizer replace the preset's.
+- Its tokenizer is its tokenizer.model (SentencePiece), else its tokenizer.json (the `tokenizers`
+  library, rodin.data.tokenizer.JsonTokenizer), and must fit its embedding rows.
 - Its weights are cast to the run's fp32 master weights; under FSDP2 rank 0 reads them and
   broadcasts them into the shards, as a single-process checkpoint.
 - The run records the origin in origin.json and in every checkpoint (meta "origin").
@@ -13,7 +15,7 @@ import dataclasses
 import json
 import os
 
-from rodin.data.tokenizer import Tokenizer
+from rodin.data.tokenizer import JsonTokenizer, Tokenizer, open_tokenizer
 from rodin.io import atomic_write_text
 from rodin.train.checkpoint import load_hf_weights
 from rodin.train.hf_llama import HUB_PREFIX, fetch, origin, read_config
@@ -32,18 +34,17 @@ def is_hf(spec):
 
 
 def tokenizer_of(path):
-    """The SentencePiece tokenizer an HF Llama directory ships."""
-    file = os.path.join(path, "tokenizer.model")
-    if not os.path.exists(file):
-        raise ValueError(f"{path}: no tokenizer.model (SentencePiece) next to config.json; "
-                         "rodin reads SentencePiece tokenizers, convert or download it")
-    return Tokenizer(file)
+    """The tokenizer an HF Llama directory ships: tokenizer.model (SentencePiece), else tokenizer.json."""
+    if not any(os.path.exists(os.path.join(path, n)) for n in (Tokenizer.run_copy, JsonTokenizer.run_copy)):
+        raise ValueError(f"{path}: no tokenizer.model or tokenizer.json next to config.json; "
+                         "download the model's tokenizer files with its weights")
+    return open_tokenizer(path)
 
 
 def check_vocabulary(tokenizer, cfg):
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{tokenizer.path}: {tokenizer.vocab_size} pieces do not fit the model's {cfg.vocab_size} "
-                         "embedding rows; use the tokenizer the model was trained with")
+                         "embedding rows (config.json's vocab_size); use the tokenizer the model was trained with")
 
 
 def write_origin(run_dir, record):

@@ -4,7 +4,8 @@ and llama.cpp, and rodin's own export comes back in; what rodin's LLaMA cannot r
 in one line.
 
 The transformers model: the test shape, GQA, untied embeddings, RoPE θ 500,000, wide weights (std
-0.1, clear argmaxes), with the demo_data fixture's SentencePiece tokenizer.model beside it."""
+0.1, clear argmaxes), with the demo_data fixture's SentencePiece tokenizer.model beside it, or
+(transformers_llama_json) with only a tokenizer.json of Lucie-7B's kind, trained here."""
 
 import json
 import os
@@ -140,7 +141,7 @@ def test_bad_starts_from_an_hf_model_are_refused_in_one_line_with_the_fix(demo_d
     shutil.copytree(transformers_llama[0], small)
     config = json.loads((small / "config.json").read_text())
     (small / "config.json").write_text(json.dumps(dict(config, vocab_size=300)))
-    with pytest.raises(ValueError, match=r"tokenizer.model: 512 pieces do not fit the model's 300 embedding rows; use the tokenizer"):
+    with pytest.raises(ValueError, match=r"tokenizer.model: 512 pieces do not fit the model's 300 embedding rows \(config.json's vocab_size\); use the"):
         train.main(train_args(demo_data, tmp_path, f"--init_from={small}"))
     (small / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"small/config.json: incomplete Llama config"):
@@ -149,5 +150,43 @@ def test_bad_starts_from_an_hf_model_are_refused_in_one_line_with_the_fix(demo_d
         hf_llama.parse_hub_id("hf:llama")
     os.remove(small / "tokenizer.model")
     (small / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"small: no tokenizer.model"):
+    with pytest.raises(ValueError, match=r"small: no tokenizer.model or tokenizer.json next to config.json; download"):
         train.main(train_args(demo_data, tmp_path, f"--init_from={small}"))
+
+
+# ---- a model that ships only a tokenizer.json (Lucie-7B's kind) ------------------------------------
+
+def test_a_transformers_llama_with_a_tokenizer_json_continues_and_exports_to_transformers_and_llama_cpp(transformers_llama_json,
+                                                                                                         tmp_path, capsys):
+    """Its corpus encoded by data/encode.py --tokenizer=the model's directory (the fixture), its exact
+    logits in rodin, a few steps on them, then the export read by transformers and llama.cpp alike."""
+    pytest.importorskip("llama_cpp")
+    hf_dir, hf, data = transformers_llama_json
+    assert not os.path.exists(os.path.join(hf_dir, "tokenizer.model"))
+    ours = hf_llama.load_hf_model(hf_dir).eval()
+    tokens = torch.randint(0, MODELS["test"].vocab_size, (2, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens)[0], hf(tokens).logits, atol=1e-4, rtol=0)
+    assert train.main(["--preset=test", f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_optimizer=false",
+                       f"--init_from={hf_dir}", "--name=lucie", "--max_steps=4", "--ckpt_every=4", "--eval_every=4"]) == 0
+    run = tmp_path / "lucie"
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the run keeps its own copy
+        assert (run / name).read_bytes() == open(os.path.join(hf_dir, name), "rb").read()
+    continued = checkpoint.load_model(str(run))[0]
+    assert not torch.equal(continued.layers[0].attention.wq.weight, ours.layers[0].attention.wq.weight)  # it trained
+    assert export.main([str(run), "--format=hf", "--dtype=f32", f"--out={tmp_path / 'out-hf'}"]) == 0
+    assert export.main([str(run), "--format=gguf", "--dtype=f32", f"--out={tmp_path / 'out-gguf'}", "--threads=1"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers (f32): token ids identical" in out and "llama.cpp (f32): token ids identical" in out, out
+    assert not os.path.exists(tmp_path / "out-hf" / "tokenizer.model")
+
+
+def test_a_tokenizer_json_that_does_not_fit_the_embedding_rows_is_refused_naming_it(transformers_llama_json, tmp_path):
+    small = tmp_path / "small"
+    shutil.copytree(transformers_llama_json[0], small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps(dict(config, vocab_size=300)))
+    with pytest.raises(ValueError, match=r"^\S*small/tokenizer.json: 512 pieces do not fit the model's 300 embedding rows "
+                                         r"\(config.json's vocab_size\); use the tokenizer the model was trained with$"):
+        train.main(["--preset=test", f"--data_dir={transformers_llama_json[2]}", f"--out_dir={tmp_path}",
+                    "--init_optimizer=false", f"--init_from={small}"])
