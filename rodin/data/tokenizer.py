@@ -85,11 +85,13 @@ class Tokenizer:
 
     run_copy = "tokenizer.model"  # the run directory's own copy
 
-    def __init__(self, model_path):
+    def __init__(self, model_path, model_bytes=None):
         self.path = str(model_path)
         try:
-            with open(self.path, "rb") as f:
-                self.model_bytes = f.read()
+            if model_bytes is None:
+                with open(self.path, "rb") as f:
+                    model_bytes = f.read()
+            self.model_bytes = model_bytes
             self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
         except (OSError, RuntimeError) as e:
             raise ValueError(f"{self.path}: not a readable SentencePiece model ({e})") from None
@@ -123,6 +125,17 @@ class Tokenizer:
         """{file name: bytes} the run directory keeps."""
         return {self.run_copy: self.model_bytes}
 
+    def with_chat_tokens(self, path):
+        """This tokenizer with <|im_start|> <|im_end|> appended as control pieces (ids vocab_size and
+        vocab_size + 1), to be kept at path."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.model_bytes)
+        for token in CHAT_TOKENS:
+            proto.pieces.add(piece=token, score=0.0, type=proto.SentencePiece.CONTROL)
+        return Tokenizer(path, proto.SerializeToString())
+
     def encode(self, text):
         return self.sp.encode(text)
 
@@ -146,13 +159,17 @@ class JsonTokenizer:
     run_copy = "tokenizer.json"
     CONFIG = "tokenizer_config.json"  # beside it: the names of <s> </s> <pad> <unk>, a chat template
 
-    def __init__(self, path):
+    def __init__(self, path, model_bytes=None, config_bytes=None):
         from tokenizers import Tokenizer as HFTokenizer
 
         self.path = str(path)
         try:
-            with open(self.path, "rb") as f:
-                self.model_bytes = f.read()
+            if model_bytes is None:
+                with open(self.path, "rb") as f:
+                    model_bytes = f.read()
+                config_path = os.path.join(os.path.dirname(self.path), self.CONFIG)
+                config_bytes = open(config_path, "rb").read() if os.path.exists(config_path) else None
+            self.model_bytes, self.config_bytes = model_bytes, config_bytes
             self.tok = HFTokenizer.from_str(self.model_bytes.decode("utf-8"))
             spec = json.loads(self.model_bytes)["model"]
         except Exception as e:  # OSError, JSON errors, and the plain Exception that tokenizers raises
@@ -161,8 +178,6 @@ class JsonTokenizer:
             raise ValueError(f"{self.path}: a {spec.get('type')} tokenizer without byte fallback (GPT-2 byte-level?); rodin reads "
                              "SentencePiece-style BPE tokenizer.json (byte_fallback, '▁' for spaces), as Lucie-7B's")
         self.tok.encode_special_tokens = True  # "<s>" typed in a text is text, as with SentencePiece
-        config_path = os.path.join(os.path.dirname(self.path), self.CONFIG)
-        self.config_bytes = open(config_path, "rb").read() if os.path.exists(config_path) else None
         self.config = json.loads(self.config_bytes) if self.config_bytes else {}
         vocab = self.tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
@@ -205,6 +220,16 @@ class JsonTokenizer:
         if self.config_bytes is not None:
             files[self.CONFIG] = self.config_bytes
         return files
+
+    def with_chat_tokens(self, path):
+        """This tokenizer with <|im_start|> <|im_end|> added as special tokens (the next two ids), to
+        be kept at path (its tokenizer_config.json beside it)."""
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer.from_str(self.model_bytes.decode("utf-8"))
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in CHAT_TOKENS])
+        return JsonTokenizer(path, tok.to_str().encode("utf-8"), self.config_bytes)
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids

@@ -9,6 +9,12 @@ Frozen decisions:
 - Its weights are cast to the run's fp32 master weights; under FSDP2 rank 0 reads them and
   broadcasts them into the shards, as a single-process checkpoint.
 - The run records the origin in origin.json and in every checkpoint (meta "origin").
+- SFT of a model whose tokenizer lacks <|im_start|>/<|im_end|> adds the two tokens (special, the
+  next two ids) and grows the embedding and untied output rows, initialised to the mean of the
+  existing rows; the run keeps the grown tokenizer. Not the model's own chat template (from its
+  tokenizer_config.json): SFT's loss mask, chat, eval, the exports' templates and llama.cpp's
+  end-of-turn all rest on ChatML's turns as two single ids, which a foreign Jinja template does not
+  give; and a base model (Lucie-7B) has no template anyway.
 """
 
 import dataclasses
@@ -47,6 +53,17 @@ def check_vocabulary(tokenizer, cfg):
                          "embedding rows (config.json's vocab_size); use the tokenizer the model was trained with")
 
 
+def add_chat_tokens(cfg, tokenizer, run_dir):
+    """(cfg, tokenizer, new ids) for SFT of an HF model whose tokenizer lacks the ChatML tokens:
+    the tokenizer with both added, kept in the run directory, and the model grown to fit them."""
+    if cfg.lora_rank:
+        raise ValueError(f"{tokenizer.path}: no <|im_start|>/<|im_end|> tokens, and under --lora_rank their new embedding "
+                         "rows would stay frozen; fine-tune fully first (drop --lora_rank), then train adapters on that run")
+    grown = tokenizer.with_chat_tokens(os.path.join(run_dir, tokenizer.run_copy))
+    model = dataclasses.replace(cfg.model, vocab_size=max(cfg.model.vocab_size, grown.vocab_size))
+    return dataclasses.replace(cfg, model=model, tokenizer=grown.path), grown, (grown.im_start_id, grown.im_end_id)
+
+
 def write_origin(run_dir, record):
     atomic_write_text(os.path.join(run_dir, ORIGIN), json.dumps(record, indent=2) + "\n")
 
@@ -61,9 +78,10 @@ def run_config(cfg):
     return dataclasses.replace(cfg, model=model, tokenizer=tokenizer.path), tokenizer
 
 
-def start(spec, model, is_main):
-    """Load an HF --init_from's weights into the run's model (fetched first if from the Hub);
-    returns its origin on the main process (hashing the weights once), None on the others."""
+def start(spec, model, is_main, new_ids=()):
+    """Load an HF --init_from's weights into the run's model (fetched first if from the Hub), rows
+    for the tokens add_chat_tokens added; returns its origin on the main process (hashing the
+    weights once), None on the others."""
     path = fetch(spec)
-    load_hf_weights(path, model)
+    load_hf_weights(path, model, new_ids)
     return origin(spec, path) if is_main else None

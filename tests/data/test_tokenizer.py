@@ -179,3 +179,22 @@ def test_a_tokenizer_json_rodin_cannot_read_is_refused_naming_the_file_and_the_f
     os.remove(tmp_path / "tokenizer.json")
     with pytest.raises(ValueError, match=r"no tokenizer.model or tokenizer.json in this directory; give the tokenizer's file"):
         open_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["tokenizer.model", "tokenizer.json"])
+def test_chat_tokens_added_to_a_tokenizer_take_the_next_two_ids_and_leave_text_as_it_was(kind, corpus_slice,
+                                                                                          lucie_like_tokenizer, tmp_path):
+    if kind == "tokenizer.model":  # SentencePiece's defaults reserve no chat tokens
+        import sentencepiece as spm
+
+        spm.SentencePieceTrainer.train(input=corpus_slice, model_prefix=str(tmp_path / "plain"), vocab_size=300,
+                                       model_type="bpe", minloglevel=2)
+        plain = Tokenizer(tmp_path / "plain.model")
+    else:
+        plain = JsonTokenizer(lucie_like_tokenizer)
+    chat = plain.with_chat_tokens(tmp_path / "run" / kind)
+    assert not plain.has_chat_tokens and (chat.im_start_id, chat.im_end_id) == (plain.vocab_size, plain.vocab_size + 1)
+    assert chat.vocab_size == plain.vocab_size + 2 and chat.is_special(chat.im_start_id) and chat.is_special(chat.im_end_id)
+    assert chat.piece(chat.im_end_id) == "<|im_end|>" and chat.fingerprint != plain.fingerprint
+    for text in FRENCH + ["<|im_start|>user"]:
+        assert chat.encode(text) == plain.encode(text)

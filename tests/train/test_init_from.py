@@ -190,3 +190,34 @@ def test_a_tokenizer_json_that_does_not_fit_the_embedding_rows_is_refused_naming
                                          r"\(config.json's vocab_size\); use the tokenizer the model was trained with$"):
         train.main(["--preset=test", f"--data_dir={transformers_llama_json[2]}", f"--out_dir={tmp_path}",
                     "--init_optimizer=false", f"--init_from={small}"])
+
+
+def test_sft_of_a_model_without_chat_tokens_adds_them_with_mean_rows_and_exports_chat_to_transformers_and_llama_cpp(
+        transformers_llama_json, tmp_path, capsys):
+    """ChatML's two tokens join the tokenizer.json as ids 512 and 513; the embedding and the untied
+    output grow by two rows, each the mean of the 512 rows before (lr 0: the checkpoint holds them as
+    initialised); the export's chat turns tokenize alike in transformers and llama.cpp."""
+    pytest.importorskip("llama_cpp")
+    hf_dir = transformers_llama_json[0]
+    data = write_jsonl(tmp_path / "chat.jsonl", littre_slice(40))
+    argv = ["--preset=test", f"--init_from={hf_dir}", f"--data={data}", f"--out_dir={tmp_path}", "--name=chat",
+            "--seq_len=128", "--val_fraction=0.2", "--lr=0", "--min_lr=0"]
+    assert sft.main(argv + ["--max_steps=1", "--ckpt_every=1", "--eval_every=1"]) == 0
+    run = str(tmp_path / "chat")
+    added = json.loads(open(os.path.join(run, "tokenizer.json"), encoding="utf-8").read())["added_tokens"]
+    assert {t["content"]: t["id"] for t in added if t["content"].startswith("<|")} == {"<|im_start|>": 512, "<|im_end|>": 513}
+    saved = load_file(os.path.join(checkpoint.latest(run), "model.safetensors"))
+    for name, hf_tensor in hf_tensors_in_rodin_names(hf_dir).items():
+        if name in ("tok_embeddings.weight", "output.weight"):
+            assert saved[name].shape == (514, 64) and torch.equal(saved[name][:512], hf_tensor)
+            assert torch.allclose(saved[name][512:], hf_tensor.mean(0).expand(2, -1), atol=1e-6), name
+    assert checkpoint.read_meta(checkpoint.latest(run))["config"]["model"]["vocab_size"] == 514
+    assert sft.main(argv + ["--max_steps=2", "--ckpt_every=2", "--eval_every=2"]) == 0  # resumes on the grown tokenizer
+    assert export.main([run, "--format=hf", "--dtype=f32", f"--out={tmp_path / 'out-hf'}"]) == 0
+    assert export.main([run, "--format=gguf", "--dtype=f32", f"--out={tmp_path / 'out-gguf'}", "--threads=1"]) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|> <|im_end|> added as ids 512 and 513" in out
+    # 12 French texts and 2 chat conversations, rendered by each program's own template
+    assert "transformers (f32): token ids identical on 14 strings" in out and "llama.cpp (f32): token ids identical on 14" in out, out
+    with pytest.raises(ValueError, match=r"tokenizer.json: no <\|im_start\|>/<\|im_end\|> tokens, and under --lora_rank"):
+        sft.main(argv[:4] + [f"--out_dir={tmp_path}", "--name=lora", "--lora_rank=4", "--seq_len=128", "--val_fraction=0.2"])
