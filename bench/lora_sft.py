@@ -169,8 +169,9 @@ def main(argv=None):
             figures["before_val_loss"] = val[0]  # every method's step 0 is the base's
             figures["questions"] = scores["questions"]
             figures.update({f"{name}_val_loss": val[-1], f"{name}_names_the_word": scores["names_the_word"],
-                            f"{name}_trainable": trainable(cfg), f"{name}_rss_mib": peak_mib - import_mib,
-                            f"{name}_est_gib": gpu_estimate(cfg), f"{name}_train_s": seconds})
+                            f"{name}_ends_with_im_end": scores["ends_with_im_end"], f"{name}_trainable": trainable(cfg),
+                            f"{name}_rss_mib": peak_mib - import_mib, f"{name}_est_gib": gpu_estimate(cfg),
+                            f"{name}_train_s": seconds})
     best = max(lora_lrs, key=lambda lr: figures[f"lora{RANK}_lr{lr:g}_names_the_word"])
     full_rate = figures["full_names_the_word"]
     figures["lora_best_lr"] = best
