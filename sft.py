@@ -6,7 +6,8 @@
 Frozen decisions:
 - The model shape and tokenizer are the init_from checkpoint's, or those of a Hugging Face Llama
   (a directory or hf:ORG/NAME[@revision], rodin.train.init_from); only its weights are taken (a
-  fresh optimizer), and a tokenizer without <|im_start|>/<|im_end|> is refused.
+  fresh optimizer). An HF model's tokenizer without <|im_start|>/<|im_end|> gets both, its
+  embedding (and untied output) rows grown and set to the mean of the others; a rodin run's is refused.
 - The loss covers assistant tokens only, their <|im_end|> included; conversations are packed
   with document masking (--pack=false: one per row, padded) and never split across rows.
 - The run directory is a pretraining run's (config.json, metrics.jsonl, loss.png, samples.md,
@@ -81,13 +82,15 @@ def finetune(cfg, device, lifeline):
     # a run that has a checkpoint resumes from it and no longer needs init_from
     ckpt = checkpoint.latest(run_dir)
     from_hf = ckpt is None and init_from.is_hf(cfg.init_from)
+    new_ids = ()  # ids of tokens added to an HF model's tokenizer
     if from_hf:
         # the run's config.json then names the model and tokenizer it holds, as a pretraining run's does
         source, init_ckpt = cfg.init_from, cfg.init_from
         cfg, tokenizer = init_from.run_config(cfg)
-        if not tokenizer.has_chat_tokens:
-            raise ValueError(f"{tokenizer.path}: no <|im_start|>/<|im_end|> tokens, so chat turns cannot be marked as "
-                             "single tokens; fine-tune a model whose tokenizer has them")
+        if not tokenizer.has_chat_tokens:  # ChatML's two tokens added, their rows the mean of the others
+            cfg, tokenizer, new_ids = init_from.add_chat_tokens(cfg, tokenizer, run_dir)
+            say(f"{tokenizer.path}: <|im_start|> <|im_end|> added as ids {new_ids[0]} and {new_ids[1]}, "
+                "their embedding rows the mean of the others")
     else:
         if ckpt is None:
             init_ckpt = checkpoint.resolve(cfg.init_from)
@@ -147,7 +150,7 @@ def finetune(cfg, device, lifeline):
         step, tokens_seen = checkpoint.resume(ckpt, meta, model, optimizer, batches)
         say(f"resuming from {ckpt} (step {step}, {tokens_seen:,} tokens{', ' + note if note else ''})")
     elif from_hf:
-        origin = init_from.start(cfg.init_from, model, is_main)
+        origin = init_from.start(cfg.init_from, model, is_main, new_ids)
         say(f"fine-tuning {cfg.init_from} (a Hugging Face Llama)")
     else:
         checkpoint.load(init_ckpt, model, restore_rng_state=False)

@@ -24,7 +24,7 @@ import sys
 
 from rodin.config import config_to_dict, parse_args, save_config
 from rodin.data.batches import TrainBatches, Windows, eval_batches, find_shards, held_out_sets
-from rodin.data.tokenizer import Tokenizer, copy_into_run
+from rodin.data.tokenizer import copy_into_run, open_tokenizer
 from rodin.spot.lifeline import Lifeline
 from rodin.train import checkpoint, distributed, fp8, init_from, lora, preflight
 from rodin.train.bits_per_byte import bytes_per_token, loss_to_bpb, token_byte_lengths
@@ -98,7 +98,7 @@ def train(cfg, device, lifeline):
     preflight.check(cfg, device, world, distributed.compiles(cfg, device))
     amp = autocast(device, cfg.dtype, cache=cfg.activation_checkpointing == "none")
 
-    tokenizer = Tokenizer(cfg.tokenizer)
+    tokenizer = open_tokenizer(cfg.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ValueError(f"{cfg.tokenizer}: {tokenizer.vocab_size} pieces do not fit the model's vocab_size={cfg.model.vocab_size}")
     train_windows = Windows(find_shards(cfg.data_dir, "train"), cfg.seq_len, tokenizer.fingerprint)

@@ -33,7 +33,7 @@ from rodin.train.device import autocast, pick_device  # noqa: E402
 from rodin.train.loop import train_step  # noqa: E402
 from rodin.model import LLaMA  # noqa: E402
 from rodin.train.optim import make_optimizer  # noqa: E402
-from rodin.data.tokenizer import Tokenizer  # noqa: E402
+from rodin.data.tokenizer import open_tokenizer  # noqa: E402
 
 CORPUS = os.path.join(ROOT, "data", "littre-citations.txt.gz")
 
@@ -69,11 +69,11 @@ def main(argv=None):
     try:
         data_dir, tokenizer_path = cfg.data_dir, cfg.tokenizer
         usable = (not args.quick and os.path.exists(tokenizer_path) and glob.glob(os.path.join(data_dir, "train*.bin"))
-                  and Tokenizer(tokenizer_path).vocab_size <= cfg.model.vocab_size)
+                  and open_tokenizer(tokenizer_path).vocab_size <= cfg.model.vocab_size)
         if not usable:
             scratch = tempfile.mkdtemp(prefix="rodin-loader-bench-")
             data_dir, tokenizer_path = make_data(scratch, cfg.model.vocab_size, 3000 if args.quick else 20000)
-        fingerprint = Tokenizer(tokenizer_path).fingerprint
+        fingerprint = open_tokenizer(tokenizer_path).fingerprint
         batches = TrainBatches(Windows(find_shards(data_dir, "train"), cfg.seq_len, fingerprint), cfg.micro_batch_size, 0)
 
         torch.manual_seed(0)

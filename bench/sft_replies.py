@@ -61,6 +61,32 @@ def held_out_questions(run_dir, n):
     return held_out_prompts(val_convs, n)
 
 
+def score(run_dir, n=100, max_new_tokens=64, show=0):
+    """{checkpoint, questions scored, names_the_word (share of scored replies that name their
+    word), ends_with_im_end (share of replies)} of a run's first n held-out questions, answered
+    greedily on the CPU; the first `show` replies are printed."""
+    model, tokenizer, ckpt = load_chat_model(run_dir, "cpu")
+    questions = held_out_questions(run_dir, n)
+    if not questions:
+        raise SystemExit(f"{run_dir}: no held-out question to answer")
+    named = scored = stopped_count = 0
+    for i, messages in enumerate(questions):
+        question = messages[-1]["content"]
+        with torch.no_grad():
+            reply, stopped = chat_reply(model, tokenizer, messages, max_new_tokens, temperature=0)
+        stopped_count += stopped
+        word = asked_word(question)
+        if word is not None:
+            scored += 1
+            named += names_word(reply, word)
+        if i < show:
+            print(f"{question} -> {reply}" + ("" if stopped else " [no <|im_end|>]"))  # as sft.py's samples
+    if not scored:
+        raise SystemExit(f"{run_dir}: no held-out question with a word in « »; nothing to score")
+    return {"checkpoint": os.path.basename(ckpt), "questions": scored, "names_the_word": named / scored,
+            "ends_with_im_end": stopped_count / len(questions)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", nargs="?", default="runs/demo-sft")
@@ -69,29 +95,12 @@ def main(argv=None):
     parser.add_argument("--show", type=int, default=5, help="replies printed")
     parser.add_argument("--results", default=None, help="append the figures here instead of bench/RESULTS.md")
     args = parser.parse_args(argv)
-    model, tokenizer, ckpt = load_chat_model(args.run, "cpu")
-    questions = held_out_questions(args.run, args.n)
-    if not questions:
-        raise SystemExit(f"{args.run}: no held-out question to answer")
-    named = scored = stopped_count = 0
-    for i, messages in enumerate(questions):
-        question = messages[-1]["content"]
-        with torch.no_grad():
-            reply, stopped = chat_reply(model, tokenizer, messages, args.max_new_tokens, temperature=0)
-        stopped_count += stopped
-        word = asked_word(question)
-        if word is not None:
-            scored += 1
-            named += names_word(reply, word)
-        if i < args.show:
-            print(f"{question} -> {reply}" + ("" if stopped else " [no <|im_end|>]"))  # as sft.py's samples
-    if not scored:
-        raise SystemExit(f"{args.run}: no held-out question with a word in « »; nothing to score")
+    scores = score(args.run, args.n, args.max_new_tokens, args.show)
     saved = run_config(args.run)
-    figures = {"run": os.path.basename(os.path.normpath(args.run)), "checkpoint": os.path.basename(ckpt),
-               **{key: saved[key] for key in ("optimizer", "lr", "max_steps")},
-               "questions": scored, "names_the_word": named / scored, "ends_with_im_end": stopped_count / len(questions)}
-    print(f"{named} of {scored} replies name the word asked about ({named / scored:.0%})")
+    figures = {"run": os.path.basename(os.path.normpath(args.run)), "checkpoint": scores.pop("checkpoint"),
+               **{key: saved[key] for key in ("optimizer", "lr", "max_steps")}, **scores}
+    rate, scored = scores["names_the_word"], scores["questions"]
+    print(f"{round(rate * scored)} of {scored} replies name the word asked about ({rate:.0%})")
     report("sft_replies", figures, args.results)
     return figures
 

@@ -2,6 +2,7 @@
 
     python data/encode.py data/littre-citations.txt.gz --tokenizer=data/demo/tokenizer.model --out_dir=data/demo
     python data/encode.py --mixture=data/mix.json --tokenizer=data/tok/tokenizer.model --out_dir=data/tokens
+    python data/encode.py corpus.jsonl --tokenizer=path/to/Lucie-7B --out_dir=data/lucie   # its tokenizer.json
 
 Frozen decisions:
 - each document becomes <s> tokens </s>; the split is by document hash (rodin.data.text.is_validation,
@@ -31,14 +32,14 @@ from rodin.io import atomic_write_text  # noqa: E402
 from rodin.data.mixture import documents, load_manifest  # noqa: E402
 from rodin.data.shards import ShardWriter, dtype_for_vocab  # noqa: E402
 from rodin.data.text import FILES_VAL_FRACTION, is_validation, read_documents  # noqa: E402
-from rodin.data.tokenizer import Tokenizer  # noqa: E402
+from rodin.data.tokenizer import open_tokenizer  # noqa: E402
 
 _tokenizer = None
 
 
 def _init_worker(path):
     global _tokenizer
-    _tokenizer = Tokenizer(path)
+    _tokenizer = open_tokenizer(path)
 
 
 def _encode_batch(batch):
@@ -131,7 +132,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="*", help=".txt/.jsonl files, gzipped or not (or use --mixture)")
     parser.add_argument("--mixture", default=None, help="manifest made by data/mix.py")
-    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.model (rodin's), a tokenizer.json, or a model directory with either")
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--val_fraction", type=float, default=FILES_VAL_FRACTION, help="files mode; a mixture has its own")
     parser.add_argument("--shard_tokens", type=int, default=500_000_000, help="a shard closes past this many tokens (1 GB in uint16)")
@@ -140,7 +141,7 @@ def main(argv=None):
     if bool(args.inputs) == bool(args.mixture):
         parser.error("give input files or --mixture=manifest.json, not both")
 
-    tok = Tokenizer(args.tokenizer)
+    tok = open_tokenizer(args.tokenizer)
     os.makedirs(args.out_dir, exist_ok=True)
     manifest = load_manifest(args.mixture) if args.mixture else None
     start = time.time()

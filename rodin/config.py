@@ -332,7 +332,7 @@ SFT_PRESETS = {
     # --sft_preset=lucie-7b-lora-3090): 16.8 GiB at micro-batch 4 x 2048 tokens (20.5 at 8, too close to
     # 24 GiB with the CUDA context and fragmentation) with every block recomputed and the logits chunked;
     # a global batch of 64 rows. The base: the HF export of a lucie-7b run (export.py's default --out)
-    # or any Llama whose tokenizer has the ChatML tokens.
+    # or any Llama fully fine-tuned with the ChatML tokens (sft.py adds them to a tokenizer that lacks them).
     "lucie-7b-lora-3090": SFTConfig(model=MODELS["lucie-7b"], init_from="runs/lucie-7b/export/hf", name="lucie-7b-lora",
                                     seq_len=2048, micro_batch_size=4, global_batch=64, max_steps=1000, optimizer="adamw",
                                     lr=2e-4, min_lr=2e-5, warmup_steps=30, weight_decay=0.0, lora_rank=16, lora_alpha=32.0,

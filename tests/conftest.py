@@ -72,10 +72,48 @@ def demo_data(tmp_path_factory, corpus_slice):
     return {"dir": str(out), "tokenizer": tokenizer}
 
 
+LUCIE_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def train_lucie_like_tokenizer(lines, path, vocab_size):
+    """A tokenizer.json of Lucie-7B's kind, trained with the `tokenizers` library as Lucie's was
+    (OpenLLM-France/Lucie-Training, tokenization/tokenizer_train.py): BPE with byte fallback and
+    <0xNN> pieces, "▁" for spaces with a prefix before each text, digits and punctuation split
+    while training, then the pre-tokenizer dropped and the byte pieces kept out of the special
+    tokens; <unk> <s> </s> <pad> are ids 0-3 and there are no chat tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"▁?[^\w\s▁]+|[\n\t]"), "isolated"),
+                                                 pre_tokenizers.Split("▁", "merged_with_next"),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=LUCIE_SPECIALS + byte_pieces,
+                                                       min_frequency=2, limit_alphabet=200, show_progress=False))
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in LUCIE_SPECIALS]
+    spec["pre_tokenizer"] = None  # no piece crosses a split: merging the whole text gives the same pieces
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(spec, f, ensure_ascii=False)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def lucie_like_tokenizer(tmp_path_factory, corpus_slice):
+    """A tokenizer.json of Lucie-7B's kind (train_lucie_like_tokenizer), of the test model's vocabulary."""
+    with open(corpus_slice, encoding="utf-8") as f:
+        lines = f.readlines()
+    return train_lucie_like_tokenizer(lines, tmp_path_factory.mktemp("lucie") / "tokenizer.json", MODELS["test"].vocab_size)
+
+
 def save_transformers_llama(out, tokenizer_path, dtype=torch.float32, max_shard_size="1GB"):
     """A LlamaForCausalLM made and saved by transformers itself (random weights, safetensors): the
     test shape with GQA, untied embeddings, RoPE θ 500,000 and wide weights (std 0.1, clear argmaxes),
-    and a SentencePiece tokenizer.model beside it. Returns the transformers model."""
+    and a SentencePiece tokenizer.model beside it, or a tokenizer.json saved by transformers (with
+    its tokenizer_config.json). Returns the transformers model."""
     import shutil
 
     import transformers
@@ -88,7 +126,12 @@ def save_transformers_llama(out, tokenizer_path, dtype=torch.float32, max_shard_
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(dtype).eval()
     model.save_pretrained(str(out), max_shard_size=max_shard_size)
-    shutil.copy(tokenizer_path, os.path.join(str(out), "tokenizer.model"))
+    if str(tokenizer_path).endswith(".json"):
+        unk, bos, eos, pad = LUCIE_SPECIALS
+        transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_path), unk_token=unk, bos_token=bos, eos_token=eos,
+                                             pad_token=pad).save_pretrained(str(out))
+    else:
+        shutil.copy(tokenizer_path, os.path.join(str(out), "tokenizer.model"))
     return model
 
 
@@ -98,6 +141,20 @@ def transformers_llama(demo_data, tmp_path_factory):
     pytest.importorskip("transformers")
     out = tmp_path_factory.mktemp("hf") / "llama"
     return str(out), save_transformers_llama(out, demo_data["tokenizer"])
+
+
+@pytest.fixture(scope="session")
+def transformers_llama_json(lucie_like_tokenizer, corpus_slice, tmp_path_factory):
+    """(directory, model, data) of save_transformers_llama with the Lucie-like tokenizer.json, and
+    train/val shards of the corpus slice encoded for it by data/encode.py; do not modify them."""
+    pytest.importorskip("transformers")
+    from data import encode
+
+    out = tmp_path_factory.mktemp("hf-json") / "llama"
+    model = save_transformers_llama(out, lucie_like_tokenizer)
+    data = tmp_path_factory.mktemp("hf-json-data")
+    encode.main([corpus_slice, f"--tokenizer={out}", f"--out_dir={data}", "--workers=1", "--val_fraction=0.05"])
+    return str(out), model, str(data)
 
 
 @pytest.fixture

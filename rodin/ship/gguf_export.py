@@ -5,6 +5,11 @@ Frozen decisions:
 - The SentencePiece vocabulary is copied 1:1 (pieces, scores, piece types; tokenizer.ggml.model =
   "llama"), with add_space_prefix mirroring the model's add_dummy_prefix: llama.cpp then splits
   text exactly as we do, chat tokens included (CONTROL pieces, parsed only from templates).
+- A tokenizer.json (SentencePiece-style BPE, an imported model's) is written as llama.cpp's
+  convert_hf_to_gguf.py writes it (gguf.LlamaHfVocab: a "llama" vocabulary, <0xNN> BYTE, special
+  tokens CONTROL), but for the scores: the converter gives every piece -1000, so llama.cpp would
+  merge the leftmost pair first; here a piece scores minus the rank of the merge that makes it,
+  so llama.cpp merges in the BPE's order and splits text as transformers does.
 - Q and K rows are permuted from our rotate-half RoPE layout into llama.cpp's interleaved one, as
   llama.cpp's convert_hf_to_gguf.py does (K with n_kv_heads). A tied output.weight is left out.
 - f32/f16/bf16/q8_0 are written here; 1-D tensors (norms) stay f32, as llama.cpp's converter does.
@@ -14,6 +19,7 @@ Frozen decisions:
 """
 
 import dataclasses
+import json
 import os
 import tempfile
 
@@ -67,9 +73,15 @@ def pad_ffn(model, multiple=QK_K):
     return padded.to(model.output.weight.dtype).eval()
 
 
+# gguf.TokenType's numbers (SentencePiece's piece types)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
 def vocabulary(tokenizer, vocab_size):
-    """(pieces, scores, types) copied from the SentencePiece model, padded with UNUSED pieces up to
+    """(pieces, scores, types, add_space_prefix) of the tokenizer, padded with UNUSED pieces up to
     the model's vocab_size (as llama.cpp's converter pads)."""
+    if not hasattr(tokenizer, "sp"):
+        return json_vocabulary(tokenizer, vocab_size)
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -77,11 +89,59 @@ def vocabulary(tokenizer, vocab_size):
     pieces = [p.piece.encode("utf-8") for p in proto.pieces]
     scores = [p.score for p in proto.pieces]
     types = [int(p.type) for p in proto.pieces]  # SentencePiece's type numbers are gguf.TokenType's
+    pad_vocabulary(pieces, scores, types, vocab_size)
+    return pieces, scores, types, proto.normalizer_spec.add_dummy_prefix
+
+
+def pad_vocabulary(pieces, scores, types, vocab_size):
     for i in range(len(pieces), vocab_size):
         pieces.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
-        types.append(5)  # UNUSED
-    return pieces, scores, types, proto.normalizer_spec.add_dummy_prefix
+        types.append(UNUSED)
+
+
+def merge_ranks(spec):
+    """{piece: rank of the first merge that makes it} of a tokenizer.json's BPE ("a b" or [a, b])."""
+    ranks = {}
+    for rank, merge in enumerate(spec["model"]["merges"]):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        ranks.setdefault(left + right, rank)
+    return ranks
+
+
+def adds_space_prefix(spec):
+    """Whether a tokenizer.json puts "▁" before a text (SentencePiece's dummy prefix): a Prepend
+    normalizer, or a Metaspace pre-tokenizer that prepends."""
+    normalizer = spec.get("normalizer") or {}
+    if any(n.get("type") == "Prepend" for n in normalizer.get("normalizers", [normalizer])):
+        return True
+    pre = spec.get("pre_tokenizer") or {}
+    for p in pre.get("pretokenizers", [pre]):
+        if p.get("type") == "Metaspace":
+            return p.get("prepend_scheme", "always" if p.get("add_prefix_space", True) else "never") != "never"
+    return False
+
+
+def json_vocabulary(tokenizer, vocab_size):
+    """(pieces, scores, types, add_space_prefix) of a tokenizer.json: every id's piece, scored by
+    its merge rank (pieces no merge makes score below them all)."""
+    spec = json.loads(tokenizer.model_bytes)
+    ranks = merge_ranks(spec)
+    user_defined = {t["id"] for t in spec.get("added_tokens", []) if not t.get("special")}
+    pieces, scores, types = [], [], []
+    for i in range(tokenizer.vocab_size):
+        piece = tokenizer.piece(i)
+        if piece is None:  # a hole in the ids
+            pieces.append(f"[PAD{i}]".encode())
+            scores.append(-1000.0)
+            types.append(UNUSED)
+            continue
+        pieces.append(piece.encode("utf-8"))
+        scores.append(-float(ranks.get(piece, len(ranks))))
+        types.append(UNKNOWN if i == tokenizer.unk_id else BYTE if tokenizer.is_byte(i) else CONTROL if tokenizer.is_special(i)
+                     else USER_DEFINED if i in user_defined else NORMAL)
+    pad_vocabulary(pieces, scores, types, vocab_size)
+    return pieces, scores, types, adds_space_prefix(spec)
 
 
 def tensor_data(t, dtype):
@@ -144,7 +204,8 @@ def write_gguf(path, model, tokenizer, dtype="f32", name="rodin", license="apach
     writer.add_token_types(types)
     writer.add_bos_token_id(tokenizer.bos_id)
     writer.add_eos_token_id(tokenizer.eos_id)
-    writer.add_unk_token_id(tokenizer.sp.unk_id())
+    if tokenizer.unk_id is not None:
+        writer.add_unk_token_id(tokenizer.unk_id)
     if tokenizer.pad_id >= 0:
         writer.add_pad_token_id(tokenizer.pad_id)
     if tokenizer.has_chat_tokens:
@@ -211,7 +272,7 @@ def write_gguf_file(out, model, tokenizer, dtype, name, license, threads=None):
 
 def modelfile(gguf_file, tokenizer, num_ctx):
     """Ollama's Modelfile: the GGUF, our chat template in Go syntax, the end-of-turn stop token."""
-    stop = tokenizer.sp.id_to_piece(tokenizer.im_end_id) if tokenizer.has_chat_tokens else tokenizer.sp.id_to_piece(tokenizer.eos_id)
+    stop = tokenizer.piece(tokenizer.im_end_id) if tokenizer.has_chat_tokens else tokenizer.piece(tokenizer.eos_id)
     lines = [f"FROM ./{os.path.basename(gguf_file)}"]
     if tokenizer.has_chat_tokens:
         lines.append(f'TEMPLATE """{chatml.OLLAMA_TEMPLATE}"""')

@@ -8,6 +8,8 @@ Frozen decisions:
   the `tokenizers` library from the SentencePiece model (BPE merges ordered by piece score, byte
   fallback, " " -> "▁" and nothing else, as our identity-normalised, no-dummy-prefix tokenizer).
 - tokenizer.model is copied too (transformers v5 does not write it; llama.cpp converters read it).
+  A model that came with a tokenizer.json (an imported one) exports that file as it is, but for
+  the <s> that every text starts with (tokenizer_config's add_bos_token, as ours).
 - Weights are sharded above max_shard_bytes with model.safetensors.index.json, as transformers does.
 """
 
@@ -105,16 +107,31 @@ def hf_tokenizer(tokenizer):
     return tok
 
 
+def imported_hf_tokenizer(tokenizer):
+    """The `tokenizers.Tokenizer` of a tokenizer.json, with <s> put before a text when the caller
+    asks for special tokens (its own post-processor may add </s> too, as Lucie-7B's does)."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_str(tokenizer.model_bytes.decode("utf-8"))
+    bos = tokenizer.piece(tokenizer.bos_id)
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tokenizer.bos_id)])
+    return tok
+
+
 def tokenizer_files(tokenizer, max_seq_len):
     """{file name: bytes} of the tokenizer as transformers reads it (AutoTokenizer)."""
-    piece = tokenizer.sp.id_to_piece
-    special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id), "unk_token": piece(tokenizer.sp.unk_id())}
+    piece = tokenizer.piece
+    special = {"bos_token": piece(tokenizer.bos_id), "eos_token": piece(tokenizer.eos_id)}
+    if tokenizer.unk_id is not None:
+        special["unk_token"] = piece(tokenizer.unk_id)
     if tokenizer.pad_id >= 0:
         special["pad_token"] = piece(tokenizer.pad_id)
-    tok = hf_tokenizer(tokenizer)
+    sentencepiece = hasattr(tokenizer, "sp")
+    tok = hf_tokenizer(tokenizer) if sentencepiece else imported_hf_tokenizer(tokenizer)
     added = {str(tok.token_to_id(p)): {"content": p, "lstrip": False, "normalized": False, "rstrip": False,
                                        "single_word": False, "special": True}
-             for p in sorted({piece(i) for i in range(tokenizer.vocab_size) if tokenizer.sp.is_control(i) or tokenizer.sp.is_unknown(i)})}
+             for p in sorted({piece(i) for i in range(tokenizer.vocab_size) if tokenizer.is_special(i)})}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special,
@@ -127,12 +144,14 @@ def tokenizer_files(tokenizer, max_seq_len):
     }
     if tokenizer.has_chat_tokens:
         config["chat_template"] = chatml.CHAT_TEMPLATE
-    return {
+    files = {
         "tokenizer.json": tok.to_str(pretty=True).encode(),
         "tokenizer_config.json": (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode(),
         "special_tokens_map.json": (json.dumps(special, indent=2) + "\n").encode(),
-        "tokenizer.model": tokenizer.model_bytes,
     }
+    if sentencepiece:
+        files["tokenizer.model"] = tokenizer.model_bytes
+    return files
 
 
 # ---- writing an HF directory ----------------------------------------------------------------------

@@ -182,13 +182,31 @@ def llama_cpp_tokens(llm, text, special=False, add_bos=False):
     return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special)
 
 
+def llama_cpp_text(llm, ids):
+    """The text of ids by llama.cpp's own llama_detokenize (llama-server's way): it drops the space a
+    dummy prefix put first, where llama-cpp-python's Llama.detokenize keeps it unless <s> leads."""
+    import ctypes
+
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+    tokens = (llama_cpp.llama_token * len(ids))(*ids)
+    size = 8 * len(ids) + 64
+    buf = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_detokenize(vocab, tokens, len(ids), buf, size, False, False)
+    if n < 0:  # the buffer was too small: -n bytes are needed
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_detokenize(vocab, tokens, len(ids), buf, -n, False, False)
+    return buf.raw[:n].decode("utf-8", "replace")
+
+
 def llama_cpp_token_mismatches(llm, tokenizer):
     """(strings llama.cpp tokenizes differently from us, number of strings checked)."""
     mismatches = []
     for text in FRENCH_TEXTS:
         ours = tokenizer.encode(text)
         if llama_cpp_tokens(llm, text) != ours or llama_cpp_tokens(llm, text, add_bos=True) != [tokenizer.bos_id] + ours \
-                or llm.detokenize(ours).decode("utf-8", "replace") != text:
+                or llama_cpp_text(llm, ours) != text:
             mismatches.append(repr(text))
     conversations = CONVERSATIONS if tokenizer.has_chat_tokens else []
     for conv in conversations:

@@ -22,15 +22,12 @@ def bits_per_byte(total_nats, total_bytes):
 
 def token_byte_lengths(tokenizer):
     """A (vocab_size,) tensor: how many UTF-8 bytes of text each id stands for."""
-    sp = tokenizer.sp if hasattr(tokenizer, "sp") else tokenizer
-    lengths = torch.zeros(sp.get_piece_size(), dtype=torch.long)
-    for i in range(sp.get_piece_size()):
-        if sp.is_control(i) or sp.is_unknown(i):
-            continue
-        if sp.is_byte(i):
+    lengths = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
+    for i in range(tokenizer.vocab_size):
+        if tokenizer.is_byte(i):  # before is_special: a tokenizer.json may list its bytes as special
             lengths[i] = 1
-        else:
-            lengths[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        elif not tokenizer.is_special(i) and tokenizer.piece(i) is not None:
+            lengths[i] = len(tokenizer.piece(i).replace("\u2581", " ").encode("utf-8"))
     return lengths
 
 

@@ -526,13 +526,17 @@ def load_model(path, device="cpu"):
     return model.eval(), meta, ckpt
 
 
-def load_hf_weights(path, model):
+def load_hf_weights(path, model, new_ids=()):
     """An HF Llama directory's weights into a model, sharded (FSDP2: rank 0 reads and broadcasts)
-    or not; cast to the model's dtypes, shapes as config.json says."""
+    or not; cast to the model's dtypes, shapes as config.json says, but for the embedding rows of
+    tokens added to its tokenizer (new_ids: hf_llama.with_new_rows)."""
+    def tensors():
+        return hf_llama.with_new_rows(hf_llama.rodin_tensors(path, model.cfg), new_ids, model.cfg.vocab_size)
+
     if is_sharded_run():
-        load_full_into_sharded(model, hf_llama.rodin_tensors(path, model.cfg) if dist.get_rank() == 0 else {}, path)
+        load_full_into_sharded(model, tensors() if dist.get_rank() == 0 else {}, path)
     else:
-        load_model_tensors(model, hf_llama.rodin_tensors(path, model.cfg), path)
+        load_model_tensors(model, tensors(), path)
 
 
 def base_origin(spec, ckpt):

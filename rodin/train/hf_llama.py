@@ -182,6 +182,22 @@ def rodin_tensors(path, cfg):
         raise ValueError(f"{path}: {e.args[0]}; only Llama-architecture checkpoints load into rodin") from None
 
 
+def with_new_rows(tensors, new_ids, vocab_size):
+    """The embedding and (untied) output matrices grown to vocab_size rows, the rows of new_ids (new
+    tokens) set to the mean of the rows before the first of them: a new token starts as the average
+    token, its logit near the average logit, rather than as noise that the first steps would chase."""
+    if not new_ids:
+        return tensors
+    tensors = dict(tensors)
+    for name in ("tok_embeddings.weight", "output.weight"):
+        if name in tensors:
+            old = tensors[name]
+            grown = torch.cat([old, old.new_zeros(max(0, vocab_size - old.shape[0]), old.shape[1])])
+            grown[list(new_ids)] = old[: min(new_ids)].float().mean(0).to(old.dtype)
+            tensors[name] = grown
+    return tensors
+
+
 def load_hf_model(path, dtype=torch.float32, device="cpu"):
     """Our LLaMA with the weights of an HF LlamaForCausalLM directory, e.g. a downloaded RODIN-1B
     or Lucie-7B (publish reads its own uploads back with it)."""

@@ -1,8 +1,11 @@
-"""rodin/data/tokenizer.py: a SentencePiece BPE that keeps French text exactly, with chat tokens reserved."""
+"""rodin/data/tokenizer.py: a SentencePiece BPE that keeps French text exactly, with chat tokens reserved;
+a published model's tokenizer.json read behind the same interface."""
+
+import os
 
 import pytest
 
-from rodin.data.tokenizer import REQUIRED_CHARS, Tokenizer, train_tokenizer, with_required_chars
+from rodin.data.tokenizer import REQUIRED_CHARS, JsonTokenizer, Tokenizer, open_tokenizer, train_tokenizer, with_required_chars
 
 FRENCH = [
     "L'œuvre de Molière, « Le Misanthrope », date de 1666.",
@@ -123,3 +126,75 @@ def test_a_run_copied_elsewhere_without_data_still_chats_exports_evaluates_and_f
     os.remove(os.path.join(base, "tokenizer.model"))  # a run from before the copy, its data gone: one clear line
     with pytest.raises(ValueError, match=r"tokenizer \(fingerprint \w+\) is neither .*base/tokenizer.model nor data/tokenizer.model"):
         export.main([base, "--format=hf", f"--out={tmp_path / 'hf2'}"])
+
+
+# ---- a published model's tokenizer.json (JsonTokenizer), Lucie-7B's kind ---------------------------
+
+def test_a_tokenizer_json_gives_the_ids_of_transformers_and_round_trips_french(transformers_llama_json):
+    import transformers
+
+    hf_dir = transformers_llama_json[0]
+    tok, theirs = open_tokenizer(hf_dir), transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert isinstance(tok, JsonTokenizer) and tok.vocab_size == 512 and not tok.has_chat_tokens
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
+    for text in FRENCH:
+        ids = tok.encode(text)
+        assert ids == theirs(text, add_special_tokens=False)["input_ids"] and tok.decode(ids) == text
+    document = tok.encode_document("Bonjour")
+    assert (document[0], document[-1]) == (tok.bos_id, tok.eos_id) and tok.is_byte(tok.encode("🙂")[-1])
+
+
+def test_special_tokens_typed_in_a_text_of_a_tokenizer_json_stay_text(lucie_like_tokenizer):
+    tok = JsonTokenizer(lucie_like_tokenizer)
+    ids = tok.encode("<s> et </s>")
+    assert tok.bos_id not in ids and tok.eos_id not in ids and tok.decode(ids) == "<s> et </s>"
+
+
+def test_a_run_keeps_a_tokenizer_json_with_its_config_and_finds_it_again(transformers_llama_json, tmp_path):
+    from rodin.data.tokenizer import checkpoint_tokenizer, copy_into_run
+
+    tok = open_tokenizer(transformers_llama_json[0])
+    assert copy_into_run(tok, tmp_path) == str(tmp_path / "tokenizer.json")
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer.json", "tokenizer_config.json"]
+    ckpt = tmp_path / "checkpoints" / "step-0000001"
+    meta = {"tokenizer": tok.fingerprint, "config": {"tokenizer": "gone/tokenizer.json"}}
+    assert checkpoint_tokenizer(ckpt, meta).fingerprint == tok.fingerprint
+
+
+def test_a_tokenizer_json_rodin_cannot_read_is_refused_naming_the_file_and_the_fix(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    gpt2 = HFTokenizer(models.BPE(vocab={"<s>": 0, "</s>": 1, "a": 2}, merges=[]))
+    gpt2.pre_tokenizer = pre_tokenizers.ByteLevel()
+    gpt2.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"^\S*tokenizer.json: a BPE tokenizer without byte fallback \(GPT-2 byte-level\?\); rodin reads"):
+        open_tokenizer(tmp_path)
+    HFTokenizer(models.BPE(vocab={"a": 0, "<0x61>": 1}, merges=[], byte_fallback=True)).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"tokenizer.json: no bos_token '<s>' in the vocabulary; name it in tokenizer_config.json"):
+        open_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{")
+    with pytest.raises(ValueError, match=r"tokenizer.json: not a readable tokenizer.json"):
+        open_tokenizer(tmp_path / "tokenizer.json")
+    os.remove(tmp_path / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"no tokenizer.model or tokenizer.json in this directory; give the tokenizer's file"):
+        open_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["tokenizer.model", "tokenizer.json"])
+def test_chat_tokens_added_to_a_tokenizer_take_the_next_two_ids_and_leave_text_as_it_was(kind, corpus_slice,
+                                                                                          lucie_like_tokenizer, tmp_path):
+    if kind == "tokenizer.model":  # SentencePiece's defaults reserve no chat tokens
+        import sentencepiece as spm
+
+        spm.SentencePieceTrainer.train(input=corpus_slice, model_prefix=str(tmp_path / "plain"), vocab_size=300,
+                                       model_type="bpe", minloglevel=2)
+        plain = Tokenizer(tmp_path / "plain.model")
+    else:
+        plain = JsonTokenizer(lucie_like_tokenizer)
+    chat = plain.with_chat_tokens(tmp_path / "run" / kind)
+    assert not plain.has_chat_tokens and (chat.im_start_id, chat.im_end_id) == (plain.vocab_size, plain.vocab_size + 1)
+    assert chat.vocab_size == plain.vocab_size + 2 and chat.is_special(chat.im_start_id) and chat.is_special(chat.im_end_id)
+    assert chat.piece(chat.im_end_id) == "<|im_end|>" and chat.fingerprint != plain.fingerprint
+    for text in FRENCH + ["<|im_start|>user"]:
+        assert chat.encode(text) == plain.encode(text)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rodin.data.tokenizer import Tokenizer
+from rodin.data.tokenizer import JsonTokenizer, Tokenizer
 from rodin.train.bits_per_byte import bits_per_byte, bytes_per_token, loss_to_bpb, target_bytes, token_byte_lengths
 
 
@@ -32,6 +32,14 @@ def test_piece_bytes_add_up_to_the_utf8_bytes_of_the_text(demo_data):
     assert lengths[tok.bos_id] == 0 and lengths[tok.eos_id] == 0
     targets = torch.tensor([[tok.bos_id, *ids, tok.eos_id, -100, -100]])
     assert target_bytes(targets, lengths) == len(text.encode("utf-8"))
+
+
+def test_piece_bytes_of_a_tokenizer_json_add_up_too(lucie_like_tokenizer):
+    tok = JsonTokenizer(lucie_like_tokenizer)  # a "▁" before the text, byte pieces outside the special tokens
+    text = "À l'été,  « ça » coûte 12 € — 鳥"
+    ids = tok.encode(text)
+    assert any(tok.is_byte(i) for i in ids) and tok.piece(ids[0]).startswith("\u2581")
+    assert target_bytes(torch.tensor(ids), token_byte_lengths(tok)) == len((" " + text).encode("utf-8"))
 
 
 def test_uniform_model_scores_log2_vocab_bits_per_token(demo_data):

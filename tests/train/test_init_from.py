@@ -4,7 +4,8 @@ and llama.cpp, and rodin's own export comes back in; what rodin's LLaMA cannot r
 in one line.
 
 The transformers model: the test shape, GQA, untied embeddings, RoPE θ 500,000, wide weights (std
-0.1, clear argmaxes), with the demo_data fixture's SentencePiece tokenizer.model beside it."""
+0.1, clear argmaxes), with the demo_data fixture's SentencePiece tokenizer.model beside it, or
+(transformers_llama_json) with only a tokenizer.json of Lucie-7B's kind, trained here."""
 
 import json
 import os
@@ -140,7 +141,7 @@ def test_bad_starts_from_an_hf_model_are_refused_in_one_line_with_the_fix(demo_d
     shutil.copytree(transformers_llama[0], small)
     config = json.loads((small / "config.json").read_text())
     (small / "config.json").write_text(json.dumps(dict(config, vocab_size=300)))
-    with pytest.raises(ValueError, match=r"tokenizer.model: 512 pieces do not fit the model's 300 embedding rows; use the tokenizer"):
+    with pytest.raises(ValueError, match=r"tokenizer.model: 512 pieces do not fit the model's 300 embedding rows \(config.json's vocab_size\); use the"):
         train.main(train_args(demo_data, tmp_path, f"--init_from={small}"))
     (small / "config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"small/config.json: incomplete Llama config"):
@@ -149,5 +150,74 @@ def test_bad_starts_from_an_hf_model_are_refused_in_one_line_with_the_fix(demo_d
         hf_llama.parse_hub_id("hf:llama")
     os.remove(small / "tokenizer.model")
     (small / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"small: no tokenizer.model"):
+    with pytest.raises(ValueError, match=r"small: no tokenizer.model or tokenizer.json next to config.json; download"):
         train.main(train_args(demo_data, tmp_path, f"--init_from={small}"))
+
+
+# ---- a model that ships only a tokenizer.json (Lucie-7B's kind) ------------------------------------
+
+def test_a_transformers_llama_with_a_tokenizer_json_continues_and_exports_to_transformers_and_llama_cpp(transformers_llama_json,
+                                                                                                         tmp_path, capsys):
+    """Its corpus encoded by data/encode.py --tokenizer=the model's directory (the fixture), its exact
+    logits in rodin, a few steps on them, then the export read by transformers and llama.cpp alike."""
+    pytest.importorskip("llama_cpp")
+    hf_dir, hf, data = transformers_llama_json
+    assert not os.path.exists(os.path.join(hf_dir, "tokenizer.model"))
+    ours = hf_llama.load_hf_model(hf_dir).eval()
+    tokens = torch.randint(0, MODELS["test"].vocab_size, (2, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens)[0], hf(tokens).logits, atol=1e-4, rtol=0)
+    assert train.main(["--preset=test", f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_optimizer=false",
+                       f"--init_from={hf_dir}", "--name=lucie", "--max_steps=4", "--ckpt_every=4", "--eval_every=4"]) == 0
+    run = tmp_path / "lucie"
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the run keeps its own copy
+        assert (run / name).read_bytes() == open(os.path.join(hf_dir, name), "rb").read()
+    continued = checkpoint.load_model(str(run))[0]
+    assert not torch.equal(continued.layers[0].attention.wq.weight, ours.layers[0].attention.wq.weight)  # it trained
+    assert export.main([str(run), "--format=hf", "--dtype=f32", f"--out={tmp_path / 'out-hf'}"]) == 0
+    assert export.main([str(run), "--format=gguf", "--dtype=f32", f"--out={tmp_path / 'out-gguf'}", "--threads=1"]) == 0
+    out = capsys.readouterr().out
+    assert "transformers (f32): token ids identical" in out and "llama.cpp (f32): token ids identical" in out, out
+    assert not os.path.exists(tmp_path / "out-hf" / "tokenizer.model")
+
+
+def test_a_tokenizer_json_that_does_not_fit_the_embedding_rows_is_refused_naming_it(transformers_llama_json, tmp_path):
+    small = tmp_path / "small"
+    shutil.copytree(transformers_llama_json[0], small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps(dict(config, vocab_size=300)))
+    with pytest.raises(ValueError, match=r"^\S*small/tokenizer.json: 512 pieces do not fit the model's 300 embedding rows "
+                                         r"\(config.json's vocab_size\); use the tokenizer the model was trained with$"):
+        train.main(["--preset=test", f"--data_dir={transformers_llama_json[2]}", f"--out_dir={tmp_path}",
+                    "--init_optimizer=false", f"--init_from={small}"])
+
+
+def test_sft_of_a_model_without_chat_tokens_adds_them_with_mean_rows_and_exports_chat_to_transformers_and_llama_cpp(
+        transformers_llama_json, tmp_path, capsys):
+    """ChatML's two tokens join the tokenizer.json as ids 512 and 513; the embedding and the untied
+    output grow by two rows, each the mean of the 512 rows before (lr 0: the checkpoint holds them as
+    initialised); the export's chat turns tokenize alike in transformers and llama.cpp."""
+    pytest.importorskip("llama_cpp")
+    hf_dir = transformers_llama_json[0]
+    data = write_jsonl(tmp_path / "chat.jsonl", littre_slice(40))
+    argv = ["--preset=test", f"--init_from={hf_dir}", f"--data={data}", f"--out_dir={tmp_path}", "--name=chat",
+            "--seq_len=128", "--val_fraction=0.2", "--lr=0", "--min_lr=0"]
+    assert sft.main(argv + ["--max_steps=1", "--ckpt_every=1", "--eval_every=1"]) == 0
+    run = str(tmp_path / "chat")
+    added = json.loads(open(os.path.join(run, "tokenizer.json"), encoding="utf-8").read())["added_tokens"]
+    assert {t["content"]: t["id"] for t in added if t["content"].startswith("<|")} == {"<|im_start|>": 512, "<|im_end|>": 513}
+    saved = load_file(os.path.join(checkpoint.latest(run), "model.safetensors"))
+    for name, hf_tensor in hf_tensors_in_rodin_names(hf_dir).items():
+        if name in ("tok_embeddings.weight", "output.weight"):
+            assert saved[name].shape == (514, 64) and torch.equal(saved[name][:512], hf_tensor)
+            assert torch.allclose(saved[name][512:], hf_tensor.mean(0).expand(2, -1), atol=1e-6), name
+    assert checkpoint.read_meta(checkpoint.latest(run))["config"]["model"]["vocab_size"] == 514
+    assert sft.main(argv + ["--max_steps=2", "--ckpt_every=2", "--eval_every=2"]) == 0  # resumes on the grown tokenizer
+    assert export.main([run, "--format=hf", "--dtype=f32", f"--out={tmp_path / 'out-hf'}"]) == 0
+    assert export.main([run, "--format=gguf", "--dtype=f32", f"--out={tmp_path / 'out-gguf'}", "--threads=1"]) == 0
+    out = capsys.readouterr().out
+    assert "<|im_start|> <|im_end|> added as ids 512 and 513" in out
+    # 12 French texts and 2 chat conversations, rendered by each program's own template
+    assert "transformers (f32): token ids identical on 14 strings" in out and "llama.cpp (f32): token ids identical on 14" in out, out
+    with pytest.raises(ValueError, match=r"tokenizer.json: no <\|im_start\|>/<\|im_end\|> tokens, and under --lora_rank"):
+        sft.main(argv[:4] + [f"--out_dir={tmp_path}", "--name=lora", "--lora_rank=4", "--seq_len=128", "--val_fraction=0.2"])
