@@ -329,7 +329,7 @@ SFT_PRESETS = {
     # needs ~107 GB (fp32 weights, gradients, AdamW moments), this one the base frozen in bf16 (12.5 GiB)
     # and rank-16 adapters on every attention and FFN matrix (38.8 M parameters, 0.6 % of the model;
     # alpha 32, 2 x rank as is usual). Estimated peak (rodin/train/memory.py, bench/memory_estimate.py
-    # --sft_preset=lucie-7b-lora-3090): 16.8 GiB at micro-batch 4 x 2048 tokens (20.5 at 8, too close to
+    # --sft_preset=lucie-7b-lora-3090; bench/lora_sft.py): 16.8-17.2 GiB at micro-batch 4 x 2048 tokens (20.5 at 8, too close to
     # 24 GiB with the CUDA context and fragmentation) with every block recomputed and the logits chunked;
     # a global batch of 64 rows. The base: the HF export of a lucie-7b run (export.py's default --out)
     # or any Llama fully fine-tuned with the ChatML tokens (sft.py adds them to a tokenizer that lacks them).
