@@ -45,6 +45,10 @@ RECIPES = {
     "muon-normuon": ["--optimizer=muon", "--dtype=auto", "--muon_normuon=true"],
     "muon-cautious": ["--optimizer=muon", "--dtype=auto", "--muon_cautious_weight_decay=true"],
     "muon-wsd": ["--optimizer=muon", "--dtype=auto", "--schedule=wsd", "--decay_steps=100"],  # the last fifth decays
+    # the tied embedding at AdamW's own best lr (3e-3, half of Muon's), and modded-nanogpt's momentum warm-up
+    "muon-embed-lr": ["--optimizer=muon", "--dtype=auto", "--embedding_lr_scale=0.5"],
+    "muon-momentum-warmup": ["--optimizer=muon", "--dtype=auto", "--muon_momentum=0.95", "--muon_momentum_start=0.85",
+                             "--muon_momentum_warmup_steps=300"],
 }
 
 

@@ -95,6 +95,13 @@ class TrainConfig:
     muon_orthogonalise: str = "newton_schulz"  # newton_schulz (torch's one quintic, muon_ns_steps times) | polar_express (five quintics)
     muon_normuon: bool = False  # NorMuon: each row of the update scaled by its running RMS (one process only)
     muon_cautious_weight_decay: bool = False  # decay a weight only where its update pulls it toward zero too
+    # Muon's momentum from muon_momentum_start up to muon_momentum over the first steps (modded-nanogpt); 0: none
+    muon_momentum_warmup_steps: int = 0
+    muon_momentum_start: float = 0.85
+    # AdamW's matrices at their own lr: the token embeddings (with a tied output) and an untied output
+    # at lr x scale, along the same schedule (modded-nanogpt trains its embedding and head apart)
+    embedding_lr_scale: float = 1.0
+    output_lr_scale: float = 1.0
     grad_clip: float = 1.0
     seed: int = 1337
     # the guard (rodin/train/guard.py): a non-finite step is not applied; a spike (the loss above
@@ -220,6 +227,15 @@ def check_optimizer(cfg):
         raise ValueError(f"--muon_ns_steps={cfg.muon_ns_steps}: must be between 1 and 99 (5 is the usual value)")
     if cfg.muon_weight_decay < 0:
         raise ValueError(f"--muon_weight_decay={cfg.muon_weight_decay}: must be >= 0")
+    if cfg.muon_momentum_warmup_steps < 0 or not 0 <= cfg.muon_momentum_start < 1:
+        raise ValueError(f"--muon_momentum_warmup_steps={cfg.muon_momentum_warmup_steps} --muon_momentum_start="
+                         f"{cfg.muon_momentum_start}: steps must be >= 0 and the start in [0, 1) (e.g. 300 and 0.85)")
+    if not (cfg.embedding_lr_scale > 0 and cfg.output_lr_scale > 0):
+        raise ValueError(f"--embedding_lr_scale={cfg.embedding_lr_scale} --output_lr_scale={cfg.output_lr_scale}: "
+                         "both must be > 0 (1: the run's lr)")
+    if cfg.output_lr_scale != 1.0 and cfg.model.tie_embeddings:
+        raise ValueError(f"--output_lr_scale={cfg.output_lr_scale}: this model's output is its embedding matrix "
+                         "(tie_embeddings): use --embedding_lr_scale")
 
 
 PRESETS = {

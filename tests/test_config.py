@@ -26,6 +26,9 @@ def test_model_preset_swap_then_field_override_in_any_order():
     (["lr=1"], "--key=value"),
     (["--keep_checkpoints=1"], "at least 2|>= 2"),
     (["--preset=test", "--seq_len=4096"], "max_seq_len"),
+    (["--preset=test", "--output_lr_scale=0.5"], "--output_lr_scale=0.5: this model's output is its embedding matrix"),
+    (["--preset=test", "--embedding_lr_scale=0"], "--embedding_lr_scale=0.0 --output_lr_scale=1.0: both must be > 0"),
+    (["--preset=test", "--muon_momentum_start=1.2"], "--muon_momentum_start=1.2: steps must be >= 0 and the start in"),
 ])
 def test_bad_arguments_are_refused_with_the_reason(argv, message):
     with pytest.raises(ValueError, match=message):

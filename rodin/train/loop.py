@@ -17,7 +17,7 @@ from tqdm import tqdm
 from rodin.train import checkpoint, distributed
 from rodin.train.device import peak_memory_gib
 from rodin.train.guard import finite_weights
-from rodin.train.optim import lr_at, set_lr
+from rodin.train.optim import lr_at, momentum_at, set_lr, set_momentum
 
 clock = time.monotonic  # when a checkpoint falls due by the clock (rank 0's); the tests replace it
 
@@ -206,6 +206,8 @@ def steps(cfg, state, stop, *, model, optimizer, next_batch, device, amp, loss_f
         lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule, cfg.decay_steps)
         lr *= guard.lr_factor(step) if guard else 1.0
         set_lr(optimizer, lr)
+        if cfg.muon_momentum_warmup_steps:
+            set_momentum(optimizer, momentum_at(step, cfg.muon_momentum, cfg.muon_momentum_start, cfg.muon_momentum_warmup_steps))
         sequences = sequences_at(step)
         step_tokens[0] = 0
         step_loss, grad_norm = forward_backward(model, counted_batch, sequences // per_micro_step, cfg.grad_clip, device,

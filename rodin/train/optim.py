@@ -24,25 +24,32 @@ def is_muon_matrix(name, p):
     return name.startswith("layers.") and p.dim() == 2
 
 
-def param_groups(model, weight_decay, muon_weight_decay=None):
+def param_groups(model, weight_decay, muon_weight_decay=None, embedding_lr_scale=1.0, output_lr_scale=1.0):
     """AdamW's groups (decayed matrices, undecayed gains), then with muon_weight_decay set, a
-    Muon group of the blocks' matrices, tagged {"optimizer": "muon"}."""
+    Muon group of the blocks' matrices, tagged {"optimizer": "muon"}. With an lr scale other than 1,
+    each of AdamW's matrices is a group of its own with its "lr_scale" (the parameters' order is
+    the same: checkpoints and publish.parameter_names number them alike)."""
     use_muon = muon_weight_decay is not None
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a tied matrix once
     to_muon = [p for n, p in named if use_muon and is_muon_matrix(n, p)]
-    rest = [p for n, p in named if not (use_muon and is_muon_matrix(n, p))]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    rest = [(n, p) for n, p in named if not (use_muon and is_muon_matrix(n, p))]
+    matrices = [(n, p) for n, p in rest if p.dim() >= 2]
+    scales = {"tok_embeddings.weight": embedding_lr_scale, "output.weight": output_lr_scale}
+    if any(scales.get(n, 1.0) != 1.0 for n, _ in matrices):
+        groups = [{"params": [p], "weight_decay": weight_decay, "lr_scale": scales.get(n, 1.0)} for n, p in matrices]
+    else:
+        groups = [{"params": [p for _, p in matrices], "weight_decay": weight_decay}]
+    groups.append({"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0})
     if to_muon:
         groups.append({"params": to_muon, "weight_decay": muon_weight_decay, "optimizer": "muon"})
     return groups
 
-
-def make_optimizer(model, lr, weight_decay, betas, fused=None, in_backward=False, muon=None):
+def make_optimizer(model, lr, weight_decay, betas, fused=None, in_backward=False, muon=None, lr_scales=(1.0, 1.0)):
     """AdamW over every parameter, or with muon={"momentum", "nesterov", "ns_steps", "weight_decay"}
     Muon over the blocks' matrices and AdamW over the rest. in_backward: each parameter stepped
-    by its own optimizer as soon as its gradient is complete (InBackward)."""
-    groups = param_groups(model, weight_decay, muon["weight_decay"] if muon else None)
+    by its own optimizer as soon as its gradient is complete (InBackward). lr_scales: the token
+    embeddings' and an untied output's lr, in multiples of lr (param_groups)."""
+    groups = param_groups(model, weight_decay, muon["weight_decay"] if muon else None, *lr_scales)
     if fused is None:
         fused = all(p.is_cuda for group in groups for p in group["params"])
     adamw = dict(lr=lr, betas=betas, fused=fused or None)
@@ -71,7 +78,8 @@ def optimizer_for(model, cfg, fused=None):
                 "weight_decay": cfg.muon_weight_decay, "orthogonalise": cfg.muon_orthogonalise,
                 "normuon": cfg.muon_normuon, "cautious_weight_decay": cfg.muon_cautious_weight_decay}
     return make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=fused,
-                          in_backward=cfg.optimizer_in_backward, muon=muon)
+                          in_backward=cfg.optimizer_in_backward, muon=muon,
+                          lr_scales=(cfg.embedding_lr_scale, cfg.output_lr_scale))
 
 
 def parts(optimizer):
@@ -205,4 +213,17 @@ def batch_size_at(step, full, start=0, increment=0, rampup_steps=0):
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def momentum_at(step, momentum, start, warmup_steps):
+    """Muon's momentum at a step: linear from start to momentum over warmup_steps, then momentum."""
+    if step >= warmup_steps:
+        return momentum
+    return start + (momentum - start) * step / warmup_steps
+
+
+def set_momentum(optimizer, momentum):
+    for group in optimizer.param_groups:
+        if group.get("optimizer") == "muon":
+            group["momentum"] = momentum

@@ -1,5 +1,6 @@
 """rodin/train/optim.py: schedules and batch ramp-up as functions of the step; AdamW stepped in backward."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from rodin.config import MODELS
 from rodin.model import LLaMA
 from rodin.train import checkpoint
-from rodin.train.optim import batch_size_at, lr_at, make_optimizer
+from rodin.train.optim import batch_size_at, lr_at, make_optimizer, momentum_at, set_lr, set_momentum
 
 
 def curve(schedule, decay_steps=0):
@@ -80,3 +81,31 @@ def test_a_checkpoint_does_not_care_which_adamw_wrote_it(tmp_path):
     again = make_optimizer(tiny_model(), 1e-2, 0.1, (0.9, 0.95), in_backward=True)
     again.load_state_dict(grouped.state_dict())
     assert again.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+
+
+def muon_settings():
+    return {"momentum": 0.9, "nesterov": True, "ns_steps": 5, "weight_decay": 0.1}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_and_output_lr_scales_give_them_their_own_lr_in_the_same_parameter_order(tied):
+    torch.manual_seed(0)
+    model = LLaMA(dataclasses.replace(MODELS["test"], tie_embeddings=tied))
+    plain = make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), muon=muon_settings())
+    scaled = make_optimizer(model, 1e-2, 0.1, (0.9, 0.95), muon=muon_settings(), lr_scales=(0.5, 1.0 if tied else 0.25))
+    set_lr(scaled, 4e-3)
+    lrs = {id(p): g["lr"] for g in scaled.param_groups for p in g["params"]}
+    assert lrs[id(model.tok_embeddings.weight)] == pytest.approx(2e-3)
+    assert lrs[id(model.output.weight)] == pytest.approx(2e-3 if tied else 1e-3)
+    assert lrs[id(model.norm.weight)] == lrs[id(model.layers[0].attention.wq.weight)] == pytest.approx(4e-3)
+    # checkpoints number the parameters across groups: the order must not depend on the scales
+    order = [id(p) for g in plain.param_groups for p in g["params"]]
+    assert order == [id(p) for g in scaled.param_groups for p in g["params"]]
+
+
+def test_muon_momentum_warms_up_linearly_then_stays_and_adamw_is_untouched():
+    assert [momentum_at(s, 0.95, 0.85, 100) for s in (0, 50, 100, 500)] == pytest.approx([0.85, 0.9, 0.95, 0.95])
+    optimizer = make_optimizer(tiny_model(), 1e-2, 0.1, (0.9, 0.95), muon=muon_settings())
+    set_momentum(optimizer, 0.87)
+    assert {g.get("momentum") for g in optimizer.param_groups} == {0.87, None}
+    assert {g.get("betas") for g in optimizer.param_groups} == {(0.9, 0.95), None}

@@ -55,8 +55,10 @@ def test_demo_path_trains_writes_its_run_directory_and_resumes(demo_data, tmp_pa
     # Muon: grouped with AdamW and clipped over accumulated micro-batches; then stepped in backward
     ["--optimizer=muon", "--grad_accum_steps=2", "--micro_batch_size=2"],
     ["--optimizer=muon", "--optimizer_in_backward=true", "--grad_clip=0", "--activation_checkpointing=full", "--loss_chunk=48"],
-    # Muon's variants, whose NorMuon second moment is optimizer state too
-    ["--optimizer=muon", "--muon_orthogonalise=polar_express", "--muon_normuon=true", "--muon_cautious_weight_decay=true"],
+    # Muon's variants, whose NorMuon second moment is optimizer state too; momentum warm-up interrupted
+    # mid-way, the embeddings at their own lr (a group of their own)
+    ["--optimizer=muon", "--muon_orthogonalise=polar_express", "--muon_normuon=true", "--muon_cautious_weight_decay=true",
+     "--muon_momentum_warmup_steps=10", "--embedding_lr_scale=0.5"],
 ], ids=["cosine", "wsd+rampup", "3090-savers", "muon+accumulation", "muon-in-backward", "muon-variants"])
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(demo_data, tmp_path, schedule):
     straight = run_train(demo_data, tmp_path / "a", "--max_steps=16", "--ckpt_every=100", *schedule)
