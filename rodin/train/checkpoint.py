@@ -192,8 +192,10 @@ def save_single(run_dir, step, model, optimizer, meta, keep, keep_every=0):
 
 
 @contextlib.contextmanager
-def removed_if_disk_full(tmp):
-    """Writes into a checkpoint's tmp directory: a full disk removes it and raises DiskFull."""
+def removed_if_disk_full(tmp, remove=True):
+    """Writes into a checkpoint's tmp directory: a full disk removes it (remove) and raises DiskFull.
+    Sharded saves pass remove=False: other ranks may still be writing into a shared directory, which
+    its owners remove once every rank has agreed (a rank removing it alone failed rank 0's next write)."""
     import torch.distributed.checkpoint as dcp
 
     try:
@@ -201,7 +203,8 @@ def removed_if_disk_full(tmp):
     except (OSError, dcp.CheckpointException) as e:  # DCP raises one rank's OSError on every rank, wrapped
         if not is_disk_full(e):
             raise
-        shutil.rmtree(tmp, ignore_errors=True)
+        if remove:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise DiskFull(tmp) from None
 
 
@@ -274,7 +277,7 @@ def save_sharded(run_dir, step, model, optimizer, meta, keep, keep_every=0):
     model_state = trained_part(model, model_state)
     full = False
     try:
-        with removed_if_disk_full(tmp):
+        with removed_if_disk_full(tmp, remove=False):
             dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
             save_file(rng_tensors(), os.path.join(tmp, f"rng-rank{rank}.safetensors"))
             if rank == 0:
@@ -285,7 +288,7 @@ def save_sharded(run_dir, step, model, optimizer, meta, keep, keep_every=0):
         full = True
     if agree_any(full):  # every rank's files are on disk, or every rank gives up this save
         if rank in owners:
-            shutil.rmtree(tmp, ignore_errors=True)  # again: another rank may have written since
+            shutil.rmtree(tmp, ignore_errors=True)
         raise DiskFull(tmp)
     try:
         if rank in owners:
