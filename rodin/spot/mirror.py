@@ -192,13 +192,17 @@ class Mirror:
         self.fs.mv(tmp, path)
 
     def _wait_for_parts(self, remote):
-        """Every node's file list of a checkpoint, merged, once all are in the mirror."""
+        """Every node's file list of a checkpoint, merged, once all are in the mirror. Given up once
+        a newer checkpoint waits behind it: another node may have dropped this one for that one
+        (submit), and its part would never come (seen as a run's end hung on a loaded machine)."""
         deadline, poll = time.time() + self.parts_timeout_s, 0.05
         while True:
             missing = [r for r in self.owners if not self.fs.exists(f"{remote}/parts/rank-{r}.json")]
             if not missing:
                 break
-            if time.time() > deadline or self.given_up.is_set():
+            with self.changed:
+                superseded = len(self.pending) > 1 and not self.is_milestone(remote)
+            if time.time() > deadline or self.given_up.is_set() or superseded:
                 raise OSError(f"{remote}: the shards of rank(s) {missing} never reached the mirror")
             time.sleep(poll)
             poll = min(2 * poll, 2.0)
