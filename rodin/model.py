@@ -135,6 +135,7 @@ def attend(q, k, v, start_pos=0, mask=None):
     mask = past_and_new[None, :] <= (start_pos + torch.arange(q.size(2), device=q.device))[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()

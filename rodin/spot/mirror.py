@@ -83,6 +83,11 @@ class Mirror:
     def is_milestone(self, path):
         return bool(self.keep_every) and step_of(path) % self.keep_every == 0
 
+    def superseded(self, path):
+        """Whether a newer checkpoint waits behind this one (a milestone never is superseded)."""
+        with self.changed:
+            return len(self.pending) > 1 and not self.is_milestone(path)
+
     def _snapshot(self, checkpoint_dir):
         """Hard links to the checkpoint's files (a copy where links are impossible). A launch's first
         snapshot removes those a killed launch left: their uploads died with it."""
@@ -134,9 +139,7 @@ class Mirror:
             except Exception as e:  # any error of any filesystem: training must not stop for it
                 self.errors.append(e)
                 self.failures += 1
-                with self.changed:
-                    superseded = len(self.pending) > 1 and not self.is_milestone(snapshot)
-                if superseded:
+                if self.superseded(snapshot):
                     warnings.warn(f"{self.url}: upload of {name} failed ({e}); dropped for the newer checkpoint queued behind it")
                     return None
                 warnings.warn(f"{self.url}: upload of {name} failed ({e}); retrying in {delay:.0f} s")
@@ -200,9 +203,7 @@ class Mirror:
             missing = [r for r in self.owners if not self.fs.exists(f"{remote}/parts/rank-{r}.json")]
             if not missing:
                 break
-            with self.changed:
-                superseded = len(self.pending) > 1 and not self.is_milestone(remote)
-            if time.time() > deadline or self.given_up.is_set() or superseded:
+            if time.time() > deadline or self.given_up.is_set() or self.superseded(remote):
                 raise OSError(f"{remote}: the shards of rank(s) {missing} never reached the mirror")
             time.sleep(poll)
             poll = min(2 * poll, 2.0)
