@@ -13,8 +13,9 @@ Frozen decisions:
 - The run directory is a pretraining run's (config.json, metrics.jsonl, loss.png, samples.md,
   checkpoints/); relaunching resumes from its own newest checkpoint, bit-identically on CPU,
   and SIGTERM/SIGINT/SIGUSR1 checkpoint and exit 0. The step-0 val_loss is the "before".
-- --lora_rank=R trains low-rank adapters over the frozen base instead (rodin.train.lora):
-  checkpoints hold the adapters and name their base; export merges them.
+- --lora_rank=R trains low-rank adapters over the frozen base instead (rodin.train.lora), and the
+  embedding (untied: and output) rows of <|im_start|> and <|im_end|> (--lora_chat_rows): checkpoints
+  hold the adapters and those rows' deltas and name their base; export merges them.
 - Under torchrun it is train.py's FSDP2: every rank reads and packs the same rows and takes its
   slice of each global batch; the model is built sharded and init_from is loaded into the shards.
 """
@@ -47,8 +48,10 @@ N_SAMPLES = 3  # held-out questions answered in samples.md at the end
 
 def refuse_pretraining_only_options(cfg):
     """Options of TrainConfig that sft.py does not implement yet: refused, never silently ignored."""
-    unsupported = {"rampup_start": 0, "init_optimizer": True}
+    unsupported = {"rampup_start": 0}
     set_ = [f"--{k}" for k, default in unsupported.items() if getattr(cfg, k) != default]
+    if cfg.init_optimizer not in ("auto", "false"):  # a fine-tune takes the weights alone
+        set_.append(f"--init_optimizer={cfg.init_optimizer}")
     if set_:
         raise ValueError(f"sft.py does not support {', '.join(set_)} yet (train.py does); drop them")
 
@@ -129,19 +132,20 @@ def finetune(cfg, device, lifeline):
     say(f"data: {train_rows.n_examples:,} train / {val_rows.n_examples:,} held-out conversations in "
         f"{len(train_rows):,} rows of {cfg.seq_len} ({train_rows.fill():.0%} filled, {'packed' if cfg.pack else 'padded'})")
 
+    row_ids = lora_rows(cfg, tokenizer)  # embedding rows trained with the adapters
     note = None
     if ckpt is not None:
         meta = checkpoint.read_meta(ckpt)
-        note = check_resumable(ckpt, meta, cfg, tokenizer, train_rows, global_batch)
+        note = check_resumable(ckpt, meta, cfg, tokenizer, train_rows, global_batch, row_ids)
         budget.load_state_dict(meta.get("budget", {}))
         if budget.spent_before_launch():  # relaunched at the cap it stopped at
             lifeline.stopped("budget", meta["step"], cfg.max_steps - meta["step"], budget, outcome="no step trained")
             return 0
     # no initial weights to draw: init_from or the run's own checkpoint is loaded into the model
     # rows are cut after the longest row of each batch: their length varies (compiled as dynamic)
-    model = distributed.build_model(cfg, device, init_weights=False, varying_length=True)
+    model = distributed.build_model(cfg, device, init_weights=False, varying_length=True, lora_rows=row_ids)
     optimizer = optimizer_for(model, cfg)
-    loss_fn = make_loss_fn(cfg.loss_chunk)
+    loss_fn = make_loss_fn(cfg.loss_chunk, lora.output_rows(model))
     step, tokens_seen, origin = 0, 0, None
     if ckpt is not None:
         origin = meta.get("origin")
@@ -175,7 +179,7 @@ def finetune(cfg, device, lifeline):
 
     def save_checkpoint():
         meta = {"tokens_seen": state["tokens_seen"], "data": batches.state_dict(), "data_fingerprint": train_rows.fingerprint(),
-                "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "origin": origin, "lora": lora.settings(cfg), "world_size": world,
+                "config": config_to_dict(cfg), "tokenizer": tokenizer.fingerprint, "init_from": init_ckpt, "origin": origin, "lora": lora.settings(cfg, row_ids), "world_size": world,
                 "global_batch": global_batch, "budget": budget.state_dict(),
                 "guard": state["guard"] and state["guard"].state_dict()}
         path = checkpoint.save(run_dir, state["step"], model, optimizer, meta, cfg.keep_checkpoints, cfg.keep_every)
@@ -217,7 +221,12 @@ def finetune(cfg, device, lifeline):
     return 0
 
 
-def check_resumable(ckpt_path, meta, cfg, tokenizer, rows, global_batch):
+def lora_rows(cfg, tokenizer):
+    """The token ids whose embedding rows train with the adapters: ChatML's two (--lora_chat_rows)."""
+    return (tokenizer.im_start_id, tokenizer.im_end_id) if cfg.lora_rank and cfg.lora_chat_rows else ()
+
+
+def check_resumable(ckpt_path, meta, cfg, tokenizer, rows, global_batch, row_ids=()):
     """Refuse to resume what would not continue the same run; returns a note when resharding."""
     if meta["config"]["model"] != dataclasses.asdict(cfg.model):
         raise ValueError(f"{ckpt_path}: a fine-tune of another model shape ({meta['config']['model']}); "
@@ -226,7 +235,7 @@ def check_resumable(ckpt_path, meta, cfg, tokenizer, rows, global_batch):
         raise ValueError(f"{ckpt_path}: trained with tokenizer {meta['tokenizer']}, not {tokenizer.path} ({tokenizer.fingerprint})")
     checkpoint.check_optimizer(ckpt_path, meta, cfg.optimizer, f"resume with --optimizer={checkpoint.optimizer_name(meta)}, "
                                "or fine-tune into another --name")
-    lora.check_same(ckpt_path, meta, cfg)
+    lora.check_same(ckpt_path, meta, cfg, row_ids)
     if meta.get("data_fingerprint") != rows.fingerprint():
         raise ValueError(f"{ckpt_path}: started on other SFT rows (data, seq_len, pack, truncate or seed differ); "
                          "resume with the same settings, or use another --name")

@@ -64,9 +64,20 @@ def check_phase_source(path, meta, cfg, tokenizer):
                          f"this run also changes {', '.join(changed)}")
     if meta["tokenizer"] != tokenizer.fingerprint:
         raise ValueError(f"{path}: trained with tokenizer {meta['tokenizer']}, not {cfg.tokenizer} ({tokenizer.fingerprint})")
-    if cfg.init_optimizer:
+    if cfg.init_optimizer == "true":
         checkpoint.check_optimizer(path, meta, cfg.optimizer, "take its weights alone with --init_optimizer=false, "
                                    f"or its optimizer state with --optimizer={checkpoint.optimizer_name(meta)}")
+
+
+def takes_optimizer_state(cfg, from_hf):
+    """--init_optimizer resolved to true or false: auto takes init_from's optimizer state where it
+    has one (a rodin checkpoint trained fully); an HF model and new LoRA adapters have none."""
+    fresh = from_hf or cfg.lora_rank
+    if cfg.init_from and cfg.init_optimizer == "true" and fresh:
+        source = f"{cfg.init_from} is a Hugging Face model and holds" if from_hf else "new LoRA adapters have"
+        raise ValueError(f"--init_optimizer=true: {source} no optimizer state; drop it, or say --init_optimizer=false")
+    wanted = cfg.init_optimizer == "true" or (cfg.init_optimizer == "auto" and not fresh)
+    return "true" if cfg.init_from and wanted else "false"
 
 
 def main(argv):
@@ -86,9 +97,7 @@ def train(cfg, device, lifeline):
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     from_hf = init_from.is_hf(cfg.init_from)
-    if cfg.init_from and cfg.init_optimizer and (from_hf or cfg.lora_rank):
-        fresh = f"{cfg.init_from} is a Hugging Face model and holds" if from_hf else "new LoRA adapters have"
-        raise ValueError(f"--init_optimizer=true: {fresh} no optimizer state; add --init_optimizer=false")
+    cfg = dataclasses.replace(cfg, init_optimizer=takes_optimizer_state(cfg, from_hf))
     if from_hf:  # the model shape and tokenizer are the HF model's
         cfg, _ = init_from.run_config(cfg)
     cfg, batch_choice = choose_batch(cfg, world, device)  # --global_batch, --micro_batch_size=auto
@@ -145,12 +154,12 @@ def train(cfg, device, lifeline):
         source = checkpoint.resolve(cfg.init_from)
         meta = checkpoint.read_meta(source)
         check_phase_source(source, meta, cfg, tokenizer)
-        checkpoint.load(source, model, optimizer if cfg.init_optimizer else None, restore_rng_state=False,
+        checkpoint.load(source, model, optimizer if cfg.init_optimizer == "true" else None, restore_rng_state=False,
                         keep_hyperparams=True)
         if cfg.lora_rank and is_main:
             origin = checkpoint.base_origin(cfg.init_from, source)
         say(f"new phase from {source} (its step {meta['step']}, {meta['tokens_seen']:,} tokens), "
-            f"{'with' if cfg.init_optimizer else 'without'} its optimizer state")
+            f"{'with' if cfg.init_optimizer == 'true' else 'without'} its optimizer state")
     os.makedirs(run_dir, exist_ok=True)
     log = None
     if rank in lifeline.owners:  # every node's disk: rodin supervise reads max_steps there

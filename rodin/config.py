@@ -120,9 +120,10 @@ class TrainConfig:
     # and its optimizer moments if init_optimizer; step, schedule and data start afresh. The model may
     # differ in max_seq_len and rope_theta only (context extension). Or a Hugging Face Llama (a directory
     # with config.json and safetensors, or hf:ORG/NAME[@revision] from the Hub): its shape and tokenizer
-    # replace the preset's, and it has no optimizer state (--init_optimizer=false)
+    # replace the preset's. init_optimizer: auto takes the optimizer state where there is one (a rodin
+    # checkpoint, no LoRA), false the weights alone; true where there is none (an HF model, new adapters) is refused
     init_from: str = ""
-    init_optimizer: bool = True
+    init_optimizer: str = "auto"
     # LoRA (rodin/train/lora.py): > 0 freezes the --init_from base (bf16 on CUDA) and trains adapters of this
     # rank, scaled by lora_alpha / lora_rank, on the blocks' matrices of lora_targets (attn: q, k, v, o; ffn:
     # gate, up, down) with AdamW; checkpoints hold the adapters alone, export merges them into the weights
@@ -183,6 +184,9 @@ class TrainConfig:
             raise ValueError(f"compile={self.compile!r}: choose auto, on or off")
         if self.fp8 not in ("off", "auto", "tensorwise", "rowwise"):
             raise ValueError(f"--fp8={self.fp8!r}: choose off, auto, tensorwise or rowwise")
+        self.init_optimizer = str(self.init_optimizer).lower()  # config.json of runs before it was tri-state: a bool
+        if self.init_optimizer not in ("auto", "true", "false"):
+            raise ValueError(f"--init_optimizer={self.init_optimizer}: choose auto, true or false")
         if self.compile_scope not in ("auto", "blocks", "whole"):
             raise ValueError(f"--compile_scope={self.compile_scope!r}: choose auto, blocks or whole")
         if self.micro_batch_size < 0 or self.global_batch < 0 or not 0 <= self.memory_margin < 1:
@@ -316,6 +320,9 @@ class SFTConfig(TrainConfig):
     truncate: bool = False  # cut conversations longer than seq_len + 1 tokens instead of skipping them
     tokenizer: str = ""  # empty: the tokenizer of the init_from run
     sample_tokens: int = 120  # the longest reply to the held-out questions sampled at the end
+    # under --lora_rank, the embedding (and untied output) rows of <|im_start|> and <|im_end|> train too
+    # (rodin/train/lora.py RowDeltas): a base never saw them, and adapters cannot make up for their frozen rows
+    lora_chat_rows: bool = True
 
     def __post_init__(self):
         # no seq_len check against the preset's model: sft.py checks it against init_from's model

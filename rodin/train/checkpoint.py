@@ -515,7 +515,8 @@ def load_model(path, device="cpu"):
     model = LLaMA(ModelConfig(**meta["config"]["model"])).to(device)
     if meta.get("lora"):
         settings = meta["lora"]
-        lora.apply(model, settings["rank"], settings["alpha"], lora.parse_targets(settings["targets"]), seed=0)
+        lora.apply(model, settings["rank"], settings["alpha"], lora.parse_targets(settings["targets"]), seed=0,
+                   rows=settings.get("rows", ()))
         load_base(meta["origin"], model, ckpt)
     try:
         load(ckpt, model, restore_rng_state=False)
@@ -568,7 +569,7 @@ def load_base(origin, model, ckpt):
     if origin.get("checkpoint"):
         load(path, model, restore_rng_state=False)
     else:
-        load_hf_weights(path, model)
+        load_hf_weights(path, model, origin.get("added_rows", ()))
 
 
 def load_run(path, tokenizer_path=None):

@@ -69,11 +69,12 @@ def barrier():
         dist.barrier()
 
 
-def build_model(cfg, device, init_weights=True, varying_length=False):
+def build_model(cfg, device, init_weights=True, varying_length=False, lora_rows=()):
     """This rank's model for a run config (TrainConfig): activation checkpointing and torch.compile
     applied and, under torchrun, sharded with FSDP2. init_weights=False: the caller loads a
     checkpoint into it next, so under torchrun its shards are left uninitialised. varying_length:
-    batches differ in length (SFT rows), so compiled blocks take it as dynamic from the first one."""
+    batches differ in length (SFT rows), so compiled blocks take it as dynamic from the first one.
+    lora_rows: under --lora_rank, the token ids whose embedding rows train too (rodin.train.lora)."""
     world = world_size()
     if cfg.optimizer_in_backward and world > 1:
         raise ValueError("optimizer_in_backward is for a single device; under torchrun FSDP already shards gradients "
@@ -86,7 +87,7 @@ def build_model(cfg, device, init_weights=True, varying_length=False):
             model = LLaMA(cfg.model)
     if cfg.lora_rank:  # the base frozen (bf16 on CUDA), adapters on the blocks' matrices
         lora.apply(model, cfg.lora_rank, cfg.lora_alpha, lora.parse_targets(cfg.lora_targets), cfg.seed,
-                   base_dtype=torch.bfloat16 if device.type == "cuda" else None)
+                   base_dtype=torch.bfloat16 if device.type == "cuda" else None, rows=lora_rows)
     recipe = fp8.resolve(cfg, device)
     if recipe != "off":
         fp8.convert(model, recipe)
@@ -117,7 +118,8 @@ def build_model(cfg, device, init_weights=True, varying_length=False):
 
 # On a CPU inductor's compile costs 10-30 s (2 cores, cold cache) and saves 12 % of the cpu-demo
 # step in bf16 compiled block by block (9,482 against 8,420 tokens/s), ~40 % compiled whole (12,573
-# against 8,758 on the demo model): make pretrain's 680 steps train in 272 s, 312 s by blocks. It
+# against 8,758 on the demo model): make pretrain's 680 steps train in 272 s, 312 s by blocks (216 s
+# since bf16 attention runs in fp32 on the CPU, rodin/model.py attend). It
 # pays from a few hundred steps; shorter runs (tests, the SFT demo) stay eager.
 CPU_COMPILE_MIN_STEPS = 500
 

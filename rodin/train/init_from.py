@@ -14,7 +14,9 @@ Frozen decisions:
   existing rows; the run keeps the grown tokenizer. Not the model's own chat template (from its
   tokenizer_config.json): SFT's loss mask, chat, eval, the exports' templates and llama.cpp's
   end-of-turn all rest on ChatML's turns as two single ids, which a foreign Jinja template does not
-  give; and a base model (Lucie-7B) has no template anyway.
+  give; and a base model (Lucie-7B) has no template anyway. Under LoRA the two rows train beside
+  the adapters (rodin.train.lora.RowDeltas); the origin lists them ("added_rows"), so that the base
+  loaded again under the adapters (resume, export) is grown alike.
 """
 
 import dataclasses
@@ -56,9 +58,9 @@ def check_vocabulary(tokenizer, cfg):
 def add_chat_tokens(cfg, tokenizer, run_dir):
     """(cfg, tokenizer, new ids) for SFT of an HF model whose tokenizer lacks the ChatML tokens:
     the tokenizer with both added, kept in the run directory, and the model grown to fit them."""
-    if cfg.lora_rank:
-        raise ValueError(f"{tokenizer.path}: no <|im_start|>/<|im_end|> tokens, and under --lora_rank their new embedding "
-                         "rows would stay frozen; fine-tune fully first (drop --lora_rank), then train adapters on that run")
+    if cfg.lora_rank and not cfg.lora_chat_rows:
+        raise ValueError(f"{tokenizer.path}: no <|im_start|>/<|im_end|> tokens, and with --lora_chat_rows=false their new "
+                         "embedding rows would stay frozen; drop --lora_chat_rows=false (their rows then train with the adapters)")
     grown = tokenizer.with_chat_tokens(os.path.join(run_dir, tokenizer.run_copy))
     model = dataclasses.replace(cfg.model, vocab_size=max(cfg.model.vocab_size, grown.vocab_size))
     return dataclasses.replace(cfg, model=model, tokenizer=grown.path), grown, (grown.im_start_id, grown.im_end_id)
@@ -84,4 +86,7 @@ def start(spec, model, is_main, new_ids=()):
     weights once), None on the others."""
     path = fetch(spec)
     load_hf_weights(path, model, new_ids)
-    return origin(spec, path) if is_main else None
+    if not is_main:
+        return None
+    # a LoRA run's base is loaded again on resume and export (checkpoint.load_base): with the same rows grown
+    return dict(origin(spec, path), **({"added_rows": list(new_ids)} if new_ids else {}))

@@ -11,8 +11,15 @@ Frozen decisions:
   adapters stay fp32 and are trained by AdamW (optim.is_muon_matrix leaves them out of Muon).
 - A checkpoint holds the adapters only (checkpoint.model_tensors saves what is trained), with a
   reference to the base (meta "origin", its file hashes); merge() folds them into plain weights.
+- A few whole embedding rows train too (RowDeltas: ChatML's two tokens in sft.py, as peft's
+  trainable_token_indices): a base never saw those tokens, and frozen, their rows cannot be learnt
+  by adapters on the blocks (bench/lora_sft.py: 7 % of replies name the word with them frozen,
+  full fine-tuning 81 %). Each row is base + a delta starting at zero; with tied embeddings the
+  output row is the same row, untied it has a delta of its own. The loss adds the output deltas'
+  logits to the frozen projection's (rodin.train.loss), so no vocabulary-sized matrix is copied.
 """
 
+import functools
 import math
 
 import torch
@@ -35,6 +42,43 @@ class Adapter(nn.Module):
 
     def delta(self):
         return (self.b.float() @ self.a.float()) * self.scale
+
+
+class RowDeltas(nn.Module):
+    """Trained deltas (fp32, zero at the start) of the rows `ids` of a frozen (vocab, dim) matrix."""
+
+    def __init__(self, ids, dim, device=None):
+        super().__init__()
+        self.row_ids = tuple(ids)  # not a buffer: FSDP2 builds on the meta device, and to_empty() would not refill it
+        self.delta = nn.Parameter(torch.zeros(len(ids), dim, device=device))
+
+    def ids(self, device):
+        return torch.tensor(self.row_ids, dtype=torch.long, device=device)
+
+    def embed(self, tokens, embedded):
+        """The frozen embedding's output with each of our tokens' delta added."""
+        hits = (tokens.unsqueeze(-1) == self.ids(tokens.device)).to(embedded.dtype)  # (..., rows): one-hot of our ids
+        return embedded + hits @ self.delta.to(embedded.dtype)
+
+    def logits(self, hidden, logits):
+        """The frozen projection's logits with the deltas' share added to our ids' columns."""
+        share = F.linear(hidden, self.delta.to(hidden.dtype)).to(logits.dtype)
+        return logits.index_add(-1, self.ids(logits.device), share)
+
+
+def _add_row_deltas(module, args, output):
+    return module.lora_rows.embed(args[0], output)
+
+
+def _add_logit_deltas(model, module, args, output):
+    return output_rows(model).logits(args[0], output)
+
+
+def output_rows(model):
+    """The RowDeltas of the output projection (the embedding's when tied), or None."""
+    if not hasattr(model.tok_embeddings, "lora_rows"):
+        return None
+    return model.tok_embeddings.lora_rows if model.cfg.tie_embeddings else model.output.lora_rows
 
 
 def _add_adapter(module, args, output):
@@ -68,12 +112,13 @@ def check_rank(model, rank, suffixes):
 
 
 def is_adapter(name):
-    return ".lora." in name
+    return ".lora." in name or ".lora_rows." in name
 
 
-def apply(model, rank, alpha, suffixes, seed, base_dtype=None):
+def apply(model, rank, alpha, suffixes, seed, base_dtype=None, rows=()):
     """Freeze the model and add adapters to the target matrices (fp32, on their device; A drawn
-    from `seed`, see initial_adapters). base_dtype: the frozen weights cast to it (bf16 on CUDA).
+    from `seed`, see initial_adapters), and deltas to the embedding (and untied output) rows of the
+    token ids `rows`. base_dtype: the frozen weights cast to it (bf16 on CUDA).
     On the meta device (FSDP2 builds there) the adapters are allocated and drawn after sharding."""
     check_rank(model, rank, suffixes)
     for p in model.parameters():
@@ -83,6 +128,14 @@ def apply(model, rank, alpha, suffixes, seed, base_dtype=None):
     for _, linear in targets(model, suffixes):
         linear.lora = Adapter(linear.in_features, linear.out_features, rank, alpha, linear.weight.device)
         linear.lora_hook = linear.register_forward_hook(_add_adapter)
+    if rows:
+        device = model.tok_embeddings.weight.device
+        model.tok_embeddings.lora_rows = RowDeltas(rows, model.cfg.dim, device)
+        model.tok_embeddings.lora_hook = model.tok_embeddings.register_forward_hook(_add_row_deltas)
+        if not model.cfg.tie_embeddings:
+            model.output.lora_rows = RowDeltas(rows, model.cfg.dim, device)
+        # the plain logits path; the chunked loss adds them itself (rodin.train.loss, output_rows)
+        model.output.lora_rows_hook = model.output.register_forward_hook(functools.partial(_add_logit_deltas, model))
     # the frozen embedding's output marked as needing gradients, as without LoRA: every block then
     # sees the same kind of input, and its compiled graph serves them all (else block 0 gets its own)
     model.lora_hook = model.tok_embeddings.register_forward_hook(_require_grad)
@@ -93,10 +146,12 @@ def apply(model, rank, alpha, suffixes, seed, base_dtype=None):
 
 def initial_adapters(model, seed):
     """{name: tensor} of fresh adapters on the CPU, the same for one process or many: A uniform in
-    +-1/sqrt(in) (nn.Linear's default), B zero, drawn in module order from `seed`."""
+    +-1/sqrt(in) (nn.Linear's default), B zero, drawn in module order from `seed`; row deltas zero."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, module in model.named_modules():
+        if isinstance(module, RowDeltas):
+            tensors[f"{name}.delta"] = torch.zeros(module.delta.shape)
         if isinstance(module, Adapter):
             rank, fan_in = module.a.shape
             bound = 1 / math.sqrt(fan_in)
@@ -105,16 +160,18 @@ def initial_adapters(model, seed):
     return tensors
 
 
-def settings(cfg):
-    """What a checkpoint records of a run's adapters (None without LoRA)."""
-    return {"rank": cfg.lora_rank, "alpha": float(cfg.lora_alpha), "targets": cfg.lora_targets} if cfg.lora_rank else None
+def settings(cfg, rows=()):
+    """What a checkpoint records of a run's adapters and trained rows (None without LoRA)."""
+    if not cfg.lora_rank:
+        return None
+    return {"rank": cfg.lora_rank, "alpha": float(cfg.lora_alpha), "targets": cfg.lora_targets, **({"rows": list(rows)} if rows else {})}
 
 
-def check_same(path, meta, cfg):
+def check_same(path, meta, cfg, rows=()):
     """A run resumes with the adapters it was trained with, or not at all."""
-    if meta.get("lora") != settings(cfg):
-        raise ValueError(f"{path}: trained with LoRA {meta.get('lora')}, this run asks for {settings(cfg)}; "
-                         "resume with the same --lora_rank, --lora_alpha and --lora_targets, or use another --name")
+    if meta.get("lora") != settings(cfg, rows):
+        raise ValueError(f"{path}: trained with LoRA {meta.get('lora')}, this run asks for {settings(cfg, rows)}; resume with "
+                         "the same --lora_rank, --lora_alpha, --lora_targets (and sft.py's --lora_chat_rows), or use another --name")
 
 
 def trainable_params(model):
@@ -130,6 +187,15 @@ def merge(model):
             module.weight.copy_((module.weight.float() + module.lora.delta()).to(module.weight.dtype))
             del module.lora
             module.lora_hook.remove()
+    for module in (model.tok_embeddings, model.output):  # tied: the output's row is the embedding's
+        if hasattr(module, "lora_rows"):
+            rows = module.lora_rows
+            ids = rows.ids(module.weight.device)
+            module.weight[ids] = (module.weight[ids].float() + rows.delta).to(module.weight.dtype)
+            del module.lora_rows
+    if hasattr(model.output, "lora_rows_hook"):
+        model.tok_embeddings.lora_hook.remove()
+        model.output.lora_rows_hook.remove()
     model.lora_hook.remove()
     for p in model.parameters():
         p.requires_grad_(True)

@@ -12,22 +12,29 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_loss_sum(hidden, weight, targets):
-    return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=-100, reduction="sum")
+def _chunk_loss_sum(hidden, weight, targets, row_ids=None, row_delta=None):
+    logits = F.linear(hidden, weight)
+    if row_ids is not None:  # LoRA's trained rows (rodin.train.lora.RowDeltas): their logits' share
+        logits = logits.index_add(-1, row_ids, F.linear(hidden, row_delta.to(hidden.dtype)).to(logits.dtype))
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
 
 
-def chunked_cross_entropy(hidden, weight, targets, chunk=2048):
+def chunked_cross_entropy(hidden, weight, targets, chunk=2048, rows=None):
     """Mean cross-entropy of (..., dim) hidden states projected by weight (vocab, dim) against
-    targets (...), ignoring -100, computed `chunk` positions at a time."""
+    targets (...), ignoring -100, computed `chunk` positions at a time. rows: a module whose `delta`
+    (k, dim) is added to the rows `ids` of weight (LoRA's trained rows), read at each call (FSDP2
+    swaps the tensors of a module's parameters), and whose gradient reaches it alone."""
     hidden, targets = hidden.flatten(0, -2), targets.flatten()
+    extra = () if rows is None else (rows.ids(hidden.device), rows.delta)
     total = None
     # split (not slicing in a loop): one backward node concatenates the chunks' gradients once
     for h, t in zip(hidden.split(chunk), targets.split(chunk)):
-        part = checkpoint(_chunk_loss_sum, h, weight, t, use_reentrant=False)
+        part = checkpoint(_chunk_loss_sum, h, weight, t, *extra, use_reentrant=False)
         total = part if total is None else total + part
     return total / (targets != -100).sum().clamp(min=1)
 
 
-def make_loss_fn(chunk):
-    """The loss_fn argument of LLaMA.forward for a config's loss_chunk (0: None, the plain loss)."""
-    return functools.partial(chunked_cross_entropy, chunk=chunk) if chunk > 0 else None
+def make_loss_fn(chunk, rows=None):
+    """The loss_fn argument of LLaMA.forward for a config's loss_chunk (0: None, the plain loss).
+    rows: the model's trained output rows (rodin.train.lora.output_rows), if any."""
+    return functools.partial(chunked_cross_entropy, chunk=chunk, rows=rows) if chunk > 0 else None

@@ -7,6 +7,7 @@ The transformers model: the test shape, GQA, untied embeddings, RoPE θ 500,000,
 0.1, clear argmaxes), with the demo_data fixture's SentencePiece tokenizer.model beside it, or
 (transformers_llama_json) with only a tokenizer.json of Lucie-7B's kind, trained here."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 import export
 import sft
 import train
-from rodin.config import MODELS
+from rodin.config import MODELS, parse_args
 from rodin.io import sha256
 from rodin.train import checkpoint, hf_llama, init_from
 
@@ -27,7 +28,7 @@ pytest.importorskip("transformers")
 
 
 def train_args(demo_data, out, *args):
-    return ["--preset=test", f"--data_dir={demo_data['dir']}", f"--out_dir={out}", "--init_optimizer=false", *args]
+    return ["--preset=test", f"--data_dir={demo_data['dir']}", f"--out_dir={out}", *args]
 
 
 def hf_tensors_in_rodin_names(path):
@@ -135,8 +136,9 @@ def test_what_rodins_llama_cannot_represent_is_refused_naming_the_field(transfor
 
 
 def test_bad_starts_from_an_hf_model_are_refused_in_one_line_with_the_fix(demo_data, transformers_llama, tmp_path):
-    with pytest.raises(ValueError, match=r"^--init_optimizer=true: .* holds no optimizer state; add --init_optimizer=false$"):
-        train.main(["--preset=test", f"--init_from={transformers_llama[0]}", f"--data_dir={demo_data['dir']}", f"--out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"^--init_optimizer=true: .* holds no optimizer state; drop it, or say --init_optimizer=false$"):
+        train.main(["--preset=test", f"--init_from={transformers_llama[0]}", f"--data_dir={demo_data['dir']}", f"--out_dir={tmp_path}",
+                    "--init_optimizer=true"])
     small = tmp_path / "small"  # a tokenizer of 512 pieces for 300 embedding rows
     shutil.copytree(transformers_llama[0], small)
     config = json.loads((small / "config.json").read_text())
@@ -219,5 +221,23 @@ def test_sft_of_a_model_without_chat_tokens_adds_them_with_mean_rows_and_exports
     assert "<|im_start|> <|im_end|> added as ids 512 and 513" in out
     # 12 French texts and 2 chat conversations, rendered by each program's own template
     assert "transformers (f32): token ids identical on 14 strings" in out and "llama.cpp (f32): token ids identical on 14" in out, out
-    with pytest.raises(ValueError, match=r"tokenizer.json: no <\|im_start\|>/<\|im_end\|> tokens, and under --lora_rank"):
-        sft.main(argv[:4] + [f"--out_dir={tmp_path}", "--name=lora", "--lora_rank=4", "--seq_len=128", "--val_fraction=0.2"])
+    # under LoRA the two new rows train with the adapters, and are grown again under them on export
+    lora_argv = argv[:4] + [f"--out_dir={tmp_path}", "--name=lora", "--lora_rank=4", "--seq_len=128", "--val_fraction=0.2",
+                            "--max_steps=2", "--ckpt_every=2", "--eval_every=2"]
+    assert sft.main(lora_argv) == 0
+    merged = checkpoint.load_model(str(tmp_path / "lora"))[0]
+    for name, hf_tensor in hf_tensors_in_rodin_names(hf_dir).items():
+        if name in ("tok_embeddings.weight", "output.weight"):
+            rows = merged.state_dict()[name]
+            assert torch.equal(rows[:512], hf_tensor)
+            assert not torch.allclose(rows[512:], hf_tensor.mean(0).expand(2, -1), atol=1e-6), name
+    with pytest.raises(ValueError, match=r"tokenizer.json: no <\|im_start\|>/<\|im_end\|> tokens, and with --lora_chat_rows=false"):
+        sft.main(lora_argv[:5] + ["--name=frozen-rows", "--lora_rank=4", "--lora_chat_rows=false"])
+
+
+def test_init_optimizer_is_auto_true_or_false_and_reads_the_bool_of_older_configs():
+    cfg = parse_args(["--preset=test"])
+    assert cfg.init_optimizer == "auto"  # an HF model or new adapters: a fresh optimizer; a rodin run: its state
+    assert dataclasses.replace(cfg, init_optimizer=True).init_optimizer == "true"  # config.json before it was tri-state
+    with pytest.raises(ValueError, match=r"^--init_optimizer=maybe: choose auto, true or false$"):
+        parse_args(["--preset=test", "--init_optimizer=maybe"])

@@ -2,6 +2,7 @@
 with a reference to their base, resume exactly, and are merged on export into weights that
 transformers and llama.cpp run as our merged model; the memory estimate counts them as a 24 GiB card will hold them."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -17,8 +18,10 @@ from safetensors.torch import load_file
 import export
 import sft
 from rodin.config import MODELS, SFT_PRESETS, parse_args
+from rodin.data.tokenizer import open_tokenizer
 from rodin.model import LLaMA
 from rodin.train import checkpoint, lora, memory
+from rodin.train.loss import make_loss_fn
 
 SUFFIXES = lora.parse_targets("attn,ffn")
 
@@ -48,6 +51,40 @@ def test_adapters_start_at_the_base_model_and_merge_into_the_same_function():
         torch.testing.assert_close(merged(tokens)[0], adapted, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_chat_rows_train_beside_the_adapters_in_both_losses_and_merge_into_their_rows(tied):
+    """Rows 5 and 7 (sft.py: ChatML's two ids) get deltas, zero at first; the plain and the chunked
+    loss both add their logits (the tied output row is the embedding row), their gradients are the
+    same, and merging folds them into those rows alone."""
+    torch.manual_seed(0)
+    base = LLaMA(dataclasses.replace(MODELS["test"], tie_embeddings=tied, init_std=0.1))
+    model = lora.apply(copy.deepcopy(base), rank=4, alpha=8, suffixes=SUFFIXES, seed=0, rows=(5, 7))
+    tokens = torch.randint(0, MODELS["test"].vocab_size, (2, 16))
+    tokens[0, :4] = torch.tensor([5, 7, 5, 7])
+    targets = tokens.roll(-1, dims=1)
+    with torch.no_grad():
+        assert torch.equal(model(tokens)[0], base(tokens)[0])
+    rows = [n for n, p in model.named_parameters() if p.requires_grad and ".lora." not in n]
+    assert rows == ["tok_embeddings.lora_rows.delta"] + ([] if tied else ["output.lora_rows.delta"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    logits, plain = model(tokens, targets)
+    grads = torch.autograd.grad(plain, [p for p in model.parameters() if p.requires_grad])
+    _, chunked = model(tokens, targets, loss_fn=make_loss_fn(8, lora.output_rows(model)))
+    torch.testing.assert_close(chunked, plain)
+    for a, b in zip(grads, torch.autograd.grad(chunked, [p for p in model.parameters() if p.requires_grad]), strict=True):
+        torch.testing.assert_close(a, b)
+    assert all(g.abs().sum() > 0 for g in grads[-len(rows):])  # the rows learn
+    with torch.no_grad():
+        merged = lora.merge(model)
+        torch.testing.assert_close(merged(tokens)[0], logits, atol=1e-5, rtol=0)
+    others = [i for i in range(MODELS["test"].vocab_size) if i not in (5, 7)]
+    assert torch.equal(merged.tok_embeddings.weight[others], base.tok_embeddings.weight[others])
+    assert not torch.equal(merged.tok_embeddings.weight[[5, 7]], base.tok_embeddings.weight[[5, 7]])
+
+
 def test_a_rank_larger_than_a_matrix_and_unknown_targets_are_refused_in_one_line():
     # wk maps 64 to 2 KV heads x 16 = 32: a rank above 32 is no longer low
     with pytest.raises(ValueError, match=r"^--lora_rank=33 is larger than layers.0.attention.wk \(32 x 64\).*lower --lora_rank$"):
@@ -73,9 +110,13 @@ def test_lora_sft_checkpoints_adapters_alone_resumes_exactly_and_exports_merged_
     straight = run_sft(base, tmp_path, data, "straight", "--max_steps=6")
     ckpt = checkpoint.latest(straight)
     saved = load_file(os.path.join(ckpt, "model.safetensors"))
-    assert saved and all(".lora." in name for name in saved)  # the base is referenced, not copied
+    # the base is referenced, not copied: the adapters and the ChatML rows' deltas alone
+    rows = {name for name in saved if ".lora." not in name}
+    assert saved and rows == {"tok_embeddings.lora_rows.delta", "output.lora_rows.delta"}  # untied: a delta each
+    assert all(saved[name].abs().sum() > 0 for name in rows)
     meta = checkpoint.read_meta(ckpt)
-    assert meta["lora"] == {"rank": 4, "alpha": 8.0, "targets": "attn,ffn"}
+    chat = open_tokenizer(straight)
+    assert meta["lora"] == {"rank": 4, "alpha": 8.0, "targets": "attn,ffn", "rows": [chat.im_start_id, chat.im_end_id]}
     assert meta["origin"]["files"]["model.safetensors"] and meta["origin"]["init_from"] == base
     # stopped at step 3 and relaunched: the same adapters, optimizer state and losses as straight through
     resumed = run_sft(base, tmp_path, data, "resumed", "--max_steps=6", "--stop_at_step=3")
@@ -144,9 +185,11 @@ def test_continued_pretraining_with_lora_trains_adapters_alone_over_the_base(dem
 
     args = ["--preset=test", f"--data_dir={demo_data['dir']}", f"--out_dir={tmp_path}", "--lora_rank=4", "--max_steps=2",
             "--ckpt_every=2", "--eval_every=2"]
-    with pytest.raises(ValueError, match=r"^--init_optimizer=true: .* no optimizer state; add --init_optimizer=false$"):
-        train.main(args + [f"--init_from={transformers_llama[0]}"])
-    assert train.main(args + [f"--init_from={transformers_llama[0]}", "--init_optimizer=false", "--name=lora"]) == 0
+    with pytest.raises(ValueError, match=r"^--init_optimizer=true: .* no optimizer state; drop it, or say --init_optimizer=false$"):
+        train.main(args + [f"--init_from={transformers_llama[0]}", "--init_optimizer=true"])
+    # the default (auto) starts adapters with a fresh optimizer: there is no state to take
+    assert train.main(args + [f"--init_from={transformers_llama[0]}", "--name=lora"]) == 0
+    assert json.load(open(tmp_path / "lora" / "config.json"))["init_optimizer"] == "false"
     ckpt = checkpoint.latest(str(tmp_path / "lora"))
     assert all(lora.is_adapter(name) for name in load_file(os.path.join(ckpt, "model.safetensors")))
     assert checkpoint.read_meta(ckpt)["lora"]["rank"] == 4
