@@ -12,9 +12,8 @@ Frozen decisions:
 - A checkpoint holds the adapters only (checkpoint.model_tensors saves what is trained), with a
   reference to the base (meta "origin", its file hashes); merge() folds them into plain weights.
 - A few whole embedding rows train too (RowDeltas: ChatML's two tokens in sft.py, as peft's
-  trainable_token_indices): a base never saw those tokens, and frozen, their rows cannot be learnt
-  by adapters on the blocks (bench/lora_sft.py: 7 % of replies name the word with them frozen,
-  full fine-tuning 81 %). Each row is base + a delta starting at zero; with tied embeddings the
+  trainable_token_indices): a base may never have seen those tokens (or get them added), and
+  adapters on the blocks cannot learn frozen rows. Each row is base + a delta starting at zero; with tied embeddings the
   output row is the same row, untied it has a delta of its own. The loss adds the output deltas'
   logits to the frozen projection's (rodin.train.loss), so no vocabulary-sized matrix is copied.
 """

@@ -24,19 +24,25 @@ def is_muon_matrix(name, p):
     return name.startswith("layers.") and p.dim() == 2
 
 
-def param_groups(model, weight_decay, muon_weight_decay=None, embedding_lr_scale=1.0, output_lr_scale=1.0):
+def param_groups(model, weight_decay, muon_weight_decay=None, embedding_lr_scale=1.0, output_lr_scale=1.0,
+                 lora_b_lr_scale=1.0):
     """AdamW's groups (decayed matrices, undecayed gains), then with muon_weight_decay set, a
     Muon group of the blocks' matrices, tagged {"optimizer": "muon"}. With an lr scale other than 1,
     each of AdamW's matrices is a group of its own with its "lr_scale" (the parameters' order is
-    the same: checkpoints and publish.parameter_names number them alike)."""
+    the same: checkpoints and publish.parameter_names number them alike). lora_b_lr_scale: the B
+    matrices of LoRA's adapters (LoRA+, Hayou et al. 2024)."""
     use_muon = muon_weight_decay is not None
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a tied matrix once
     to_muon = [p for n, p in named if use_muon and is_muon_matrix(n, p)]
     rest = [(n, p) for n, p in named if not (use_muon and is_muon_matrix(n, p))]
     matrices = [(n, p) for n, p in rest if p.dim() >= 2]
     scales = {"tok_embeddings.weight": embedding_lr_scale, "output.weight": output_lr_scale}
-    if any(scales.get(n, 1.0) != 1.0 for n, _ in matrices):
-        groups = [{"params": [p], "weight_decay": weight_decay, "lr_scale": scales.get(n, 1.0)} for n, p in matrices]
+
+    def lr_scale(name):
+        return lora_b_lr_scale if name.endswith(".lora.b") else scales.get(name, 1.0)
+
+    if any(lr_scale(n) != 1.0 for n, _ in matrices):
+        groups = [{"params": [p], "weight_decay": weight_decay, "lr_scale": lr_scale(n)} for n, p in matrices]
     else:
         groups = [{"params": [p for _, p in matrices], "weight_decay": weight_decay}]
     groups.append({"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0})
@@ -44,11 +50,11 @@ def param_groups(model, weight_decay, muon_weight_decay=None, embedding_lr_scale
         groups.append({"params": to_muon, "weight_decay": muon_weight_decay, "optimizer": "muon"})
     return groups
 
-def make_optimizer(model, lr, weight_decay, betas, fused=None, in_backward=False, muon=None, lr_scales=(1.0, 1.0)):
+def make_optimizer(model, lr, weight_decay, betas, fused=None, in_backward=False, muon=None, lr_scales=(1.0, 1.0, 1.0)):
     """AdamW over every parameter, or with muon={"momentum", "nesterov", "ns_steps", "weight_decay"}
     Muon over the blocks' matrices and AdamW over the rest. in_backward: each parameter stepped
     by its own optimizer as soon as its gradient is complete (InBackward). lr_scales: the token
-    embeddings' and an untied output's lr, in multiples of lr (param_groups)."""
+    embeddings', an untied output's and LoRA's B matrices' lr, in multiples of lr (param_groups)."""
     groups = param_groups(model, weight_decay, muon["weight_decay"] if muon else None, *lr_scales)
     if fused is None:
         fused = all(p.is_cuda for group in groups for p in group["params"])
@@ -79,7 +85,7 @@ def optimizer_for(model, cfg, fused=None):
                 "normuon": cfg.muon_normuon, "cautious_weight_decay": cfg.muon_cautious_weight_decay}
     return make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), fused=fused,
                           in_backward=cfg.optimizer_in_backward, muon=muon,
-                          lr_scales=(cfg.embedding_lr_scale, cfg.output_lr_scale))
+                          lr_scales=(cfg.embedding_lr_scale, cfg.output_lr_scale, cfg.lora_b_lr_scale))
 
 
 def parts(optimizer):

@@ -8,7 +8,7 @@ import torch
 
 from rodin.config import MODELS
 from rodin.model import LLaMA
-from rodin.train import checkpoint
+from rodin.train import checkpoint, lora
 from rodin.train.optim import batch_size_at, lr_at, make_optimizer, momentum_at, set_lr, set_momentum
 
 
@@ -101,6 +101,15 @@ def test_embedding_and_output_lr_scales_give_them_their_own_lr_in_the_same_param
     # checkpoints number the parameters across groups: the order must not depend on the scales
     order = [id(p) for g in plain.param_groups for p in g["params"]]
     assert order == [id(p) for g in scaled.param_groups for p in g["params"]]
+
+
+def test_lora_plus_gives_the_adapters_b_matrices_their_own_lr():
+    model = lora.apply(tiny_model(), rank=4, alpha=8, suffixes=lora.parse_targets("attn,ffn"), seed=0)
+    optimizer = make_optimizer(model, 1e-2, 0.0, (0.9, 0.95), lr_scales=(1.0, 1.0, 16.0))
+    set_lr(optimizer, 1e-3)
+    lrs = {name: g["lr"] for name, p in model.named_parameters() for g in optimizer.param_groups
+           if any(p is q for q in g["params"])}
+    assert lrs and all(lr == pytest.approx(1.6e-2 if name.endswith(".lora.b") else 1e-3) for name, lr in lrs.items())
 
 
 def test_muon_momentum_warms_up_linearly_then_stays_and_adamw_is_untouched():
