@@ -173,7 +173,8 @@ def finetune(cfg, device, lifeline):
     say(f"model: {model.num_params():,} parameters | {world} x {device.type}{' (FSDP2)' if world > 1 else ''} | "
         f"{fp8.precision(cfg, device)} | {cfg.optimizer}")
     if cfg.lora_rank:
-        say(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {lora.trainable_params(model):,} trainable parameters, the base frozen")
+        say(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {lora.trainable_params(model):,} trainable parameters, the base frozen"
+            f"{' but for the embeddings' if cfg.lora_train_embeddings else ''}")
 
     state = {"step": step, "tokens_seen": tokens_seen, "guard": guard_for(cfg, meta if ckpt is not None else None)}
 
@@ -223,7 +224,8 @@ def finetune(cfg, device, lifeline):
 
 def lora_rows(cfg, tokenizer):
     """The token ids whose embedding rows train with the adapters: ChatML's two (--lora_chat_rows)."""
-    return (tokenizer.im_start_id, tokenizer.im_end_id) if cfg.lora_rank and cfg.lora_chat_rows else ()
+    wanted = cfg.lora_rank and cfg.lora_chat_rows and not cfg.lora_train_embeddings  # whole rows train then
+    return (tokenizer.im_start_id, tokenizer.im_end_id) if wanted else ()
 
 
 def check_resumable(ckpt_path, meta, cfg, tokenizer, rows, global_batch, row_ids=()):

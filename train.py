@@ -176,7 +176,8 @@ def train(cfg, device, lifeline):
         f"{world} x {device.type}{' (FSDP2)' if world > 1 else ''} | "
         f"{fp8.precision(cfg, device)} | {cfg.optimizer}")
     if cfg.lora_rank:
-        say(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {lora.trainable_params(model):,} trainable parameters, the base frozen")
+        say(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {lora.trainable_params(model):,} trainable parameters, the base frozen"
+            f"{' but for the embeddings' if cfg.lora_train_embeddings else ''}")
 
     state = {"step": step, "tokens_seen": tokens_seen, "guard": guard_for(cfg, meta if ckpt is not None else None)}
 

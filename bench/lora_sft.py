@@ -27,6 +27,7 @@ import gzip
 import itertools
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=None, help="every fine-tune's max_steps (default: the preset's)")
     parser.add_argument("--lora_lrs", default="3e-3,1e-2", help="LoRA's AdamW learning rates, each a run")
     parser.add_argument("--full_adamw_lr", type=float, default=None, help="also fully fine-tune with AdamW at this lr")
+    parser.add_argument("--lora_args", default="", help="more sft.py options for every LoRA run, e.g. '--lora_train_embeddings=true'")
     parser.add_argument("--n", type=int, default=100, help="held-out questions scored by bench/sft_replies.py")
     parser.add_argument("--quick", action="store_true", help="the `test` model, a few steps (for the test suite)")
     parser.add_argument("--results", default=None, help="append the figures here instead of bench/RESULTS.md")
@@ -142,7 +144,7 @@ def main(argv=None):
                                                             f"--min_lr={args.full_adamw_lr / 10}"]
     for lr in lora_lrs:
         methods[f"lora{RANK}_lr{lr:g}"] = [f"--lora_rank={RANK}", f"--lora_alpha={ALPHA}", "--optimizer=adamw",
-                                           f"--lr={lr}", f"--min_lr={lr / 10}"]
+                                           f"--lr={lr}", f"--min_lr={lr / 10}", *shlex.split(args.lora_args)]
 
     with tempfile.TemporaryDirectory() as tmp:
         base = args.base or pretrain(tmp, args.quick, 20 if args.quick else args.base_steps)
@@ -157,7 +159,8 @@ def main(argv=None):
             common += ["--seq_len=128", "--val_fraction=0.2", "--eval_every=3"]
         code, import_mib = peak_rss_mib(["-c", "import sft"])
         figures = {"preset": preset, "base": os.path.basename(os.path.normpath(base)), "steps": steps, "rank": RANK,
-                   "alpha": ALPHA, "questions": 0, "import_rss_mib": import_mib}
+                   "alpha": ALPHA, "lora_args": args.lora_args.replace(" ", ",") or "none", "questions": 0,
+                   "import_rss_mib": import_mib}
         for name, extra in methods.items():
             code, peak_mib = peak_rss_mib(["sft.py", *common, f"--name={name}", *extra])
             if code != 0:

@@ -59,8 +59,12 @@ def has_adapters(model):
 
 
 def trained_part(model, state):
-    """What a checkpoint keeps of a state dict: all of it, or under LoRA the adapters alone."""
-    return {k: v for k, v in state.items() if lora.is_adapter(k)} if has_adapters(model) else state
+    """What a checkpoint keeps of a state dict: all of it, or under LoRA what trains (the adapters,
+    and the embedding matrices with --lora_train_embeddings)."""
+    if not has_adapters(model):
+        return state
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trained or lora.is_adapter(k)}
 
 
 def expected_missing(model, tensors):
@@ -516,7 +520,7 @@ def load_model(path, device="cpu"):
     if meta.get("lora"):
         settings = meta["lora"]
         lora.apply(model, settings["rank"], settings["alpha"], lora.parse_targets(settings["targets"]), seed=0,
-                   rows=settings.get("rows", ()))
+                   rows=settings.get("rows", ()), embeddings=settings.get("embeddings", False))
         load_base(meta["origin"], model, ckpt)
     try:
         load(ckpt, model, restore_rng_state=False)

@@ -87,7 +87,8 @@ def build_model(cfg, device, init_weights=True, varying_length=False, lora_rows=
             model = LLaMA(cfg.model)
     if cfg.lora_rank:  # the base frozen (bf16 on CUDA), adapters on the blocks' matrices
         lora.apply(model, cfg.lora_rank, cfg.lora_alpha, lora.parse_targets(cfg.lora_targets), cfg.seed,
-                   base_dtype=torch.bfloat16 if device.type == "cuda" else None, rows=lora_rows)
+                   base_dtype=torch.bfloat16 if device.type == "cuda" else None, rows=lora_rows,
+                   embeddings=cfg.lora_train_embeddings)
     recipe = fp8.resolve(cfg, device)
     if recipe != "off":
         fp8.convert(model, recipe)

@@ -114,15 +114,17 @@ def is_adapter(name):
     return ".lora." in name or ".lora_rows." in name
 
 
-def apply(model, rank, alpha, suffixes, seed, base_dtype=None, rows=()):
+def apply(model, rank, alpha, suffixes, seed, base_dtype=None, rows=(), embeddings=False):
     """Freeze the model and add adapters to the target matrices (fp32, on their device; A drawn
     from `seed`, see initial_adapters), and deltas to the embedding (and untied output) rows of the
-    token ids `rows`. base_dtype: the frozen weights cast to it (bf16 on CUDA).
+    token ids `rows`. base_dtype: the frozen weights cast to it (bf16 on CUDA). embeddings: the
+    embedding (and untied output) matrices train whole instead, in fp32 (peft's modules_to_save).
     On the meta device (FSDP2 builds there) the adapters are allocated and drawn after sharding."""
     check_rank(model, rank, suffixes)
+    whole = {id(model.tok_embeddings.weight), id(model.output.weight)} if embeddings else set()
     for p in model.parameters():
-        p.requires_grad_(False)
-        if base_dtype is not None:
+        p.requires_grad_(id(p) in whole)
+        if base_dtype is not None and id(p) not in whole:
             p.data = p.data.to(base_dtype)
     for _, linear in targets(model, suffixes):
         linear.lora = Adapter(linear.in_features, linear.out_features, rank, alpha, linear.weight.device)
@@ -160,17 +162,19 @@ def initial_adapters(model, seed):
 
 
 def settings(cfg, rows=()):
-    """What a checkpoint records of a run's adapters and trained rows (None without LoRA)."""
+    """What a checkpoint records of a run's adapters and trained rows or matrices (None without LoRA)."""
     if not cfg.lora_rank:
         return None
-    return {"rank": cfg.lora_rank, "alpha": float(cfg.lora_alpha), "targets": cfg.lora_targets, **({"rows": list(rows)} if rows else {})}
+    return {"rank": cfg.lora_rank, "alpha": float(cfg.lora_alpha), "targets": cfg.lora_targets,
+            **({"rows": list(rows)} if rows else {}), **({"embeddings": True} if cfg.lora_train_embeddings else {})}
 
 
 def check_same(path, meta, cfg, rows=()):
     """A run resumes with the adapters it was trained with, or not at all."""
     if meta.get("lora") != settings(cfg, rows):
         raise ValueError(f"{path}: trained with LoRA {meta.get('lora')}, this run asks for {settings(cfg, rows)}; resume with "
-                         "the same --lora_rank, --lora_alpha, --lora_targets (and sft.py's --lora_chat_rows), or use another --name")
+                         "the same --lora_rank, --lora_alpha, --lora_targets, --lora_train_embeddings (and sft.py's --lora_chat_rows), "
+                         "or use another --name")
 
 
 def trainable_params(model):

@@ -44,7 +44,8 @@ def estimate(cfg):
     with FakeTensorMode():
         model = LLaMA(cfg.model)
         if cfg.lora_rank:  # as distributed.build_model on CUDA: the frozen base in bf16
-            lora.apply(model, cfg.lora_rank, cfg.lora_alpha, lora.parse_targets(cfg.lora_targets), cfg.seed, torch.bfloat16)
+            lora.apply(model, cfg.lora_rank, cfg.lora_alpha, lora.parse_targets(cfg.lora_targets), cfg.seed, torch.bfloat16,
+                       embeddings=cfg.lora_train_embeddings)
         activation_checkpoint.apply(model, cfg.activation_checkpointing)
         optimizer = optimizer_for(model, cfg, fused=True)
         # ids are never read by a fake embedding: zeros are as good as a batch

@@ -138,6 +138,27 @@ def test_lora_sft_checkpoints_adapters_alone_resumes_exactly_and_exports_merged_
         checkpoint.load_model(straight)
 
 
+def test_lora_with_the_embeddings_trained_whole_checkpoints_them_beside_the_adapters_and_resumes_exactly(
+        transformers_llama, tmp_path):
+    data = write_jsonl(tmp_path / "chat.jsonl", littre_slice(40))
+    straight = run_sft(transformers_llama[0], tmp_path, data, "straight", "--max_steps=4", "--lora_train_embeddings=true")
+    resumed = run_sft(transformers_llama[0], tmp_path, data, "resumed", "--max_steps=4", "--lora_train_embeddings=true",
+                      "--stop_at_step=3")
+    run_sft(transformers_llama[0], tmp_path, data, "resumed", "--max_steps=4", "--lora_train_embeddings=true")
+    ckpt = checkpoint.latest(straight)
+    saved = load_file(os.path.join(ckpt, "model.safetensors"))
+    # untied: both matrices whole, the chat rows' deltas redundant then
+    assert {name for name in saved if ".lora." not in name} == {"tok_embeddings.weight", "output.weight"}
+    assert checkpoint.read_meta(ckpt)["lora"]["embeddings"] is True
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a, b = (load_file(os.path.join(checkpoint.latest(r), name)) for r in (straight, resumed))
+        assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a), name
+    merged = checkpoint.load_model(straight)[0]
+    assert torch.equal(merged.tok_embeddings.weight, saved["tok_embeddings.weight"])
+    base = load_file(os.path.join(transformers_llama[0], "model.safetensors"))["model.embed_tokens.weight"]
+    assert not torch.equal(merged.tok_embeddings.weight, base)  # it trained
+
+
 def test_the_estimate_counts_the_frozen_base_in_bf16_and_optimizer_moments_of_the_adapters_alone():
     full = parse_args(["--preset=test", "--init_from=runs/x", "--init_optimizer=false"])
     adapted = dataclasses.replace(full, lora_rank=4)
