@@ -49,6 +49,10 @@ RECIPES = {
     "muon-embed-lr": ["--optimizer=muon", "--dtype=auto", "--embedding_lr_scale=0.5"],
     "muon-momentum-warmup": ["--optimizer=muon", "--dtype=auto", "--muon_momentum=0.95", "--muon_momentum_start=0.85",
                              "--muon_momentum_warmup_steps=300"],
+    # the two best alone (steps: NorMuon; final bpb: the momentum warm-up), together, and NorMuon with Polar Express
+    "muon-normuon-momentum-warmup": ["--optimizer=muon", "--dtype=auto", "--muon_normuon=true", "--muon_momentum=0.95",
+                                     "--muon_momentum_start=0.85", "--muon_momentum_warmup_steps=300"],
+    "muon-normuon-polar": ["--optimizer=muon", "--dtype=auto", "--muon_normuon=true", "--muon_orthogonalise=polar_express"],
 }
 
 
