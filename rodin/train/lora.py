@@ -61,8 +61,13 @@ class RowDeltas(nn.Module):
 
     def logits(self, hidden, logits):
         """The frozen projection's logits with the deltas' share added to our ids' columns."""
-        share = F.linear(hidden, self.delta.to(hidden.dtype)).to(logits.dtype)
-        return logits.index_add(-1, self.ids(logits.device), share)
+        return add_row_logits(hidden, logits, self.ids(logits.device), self.delta)
+
+
+def add_row_logits(hidden, logits, ids, delta):
+    """logits with the share of trained rows `delta` (k, dim) added to the columns `ids` (k,): a function
+    of its tensors alone, so that the chunked loss can pass the delta through torch.utils.checkpoint."""
+    return logits.index_add(-1, ids, F.linear(hidden, delta.to(hidden.dtype)).to(logits.dtype))
 
 
 def _add_row_deltas(module, args, output):

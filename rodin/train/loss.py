@@ -11,11 +11,13 @@ import functools
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from rodin.train.lora import add_row_logits
+
 
 def _chunk_loss_sum(hidden, weight, targets, row_ids=None, row_delta=None):
     logits = F.linear(hidden, weight)
     if row_ids is not None:  # LoRA's trained rows (rodin.train.lora.RowDeltas): their logits' share
-        logits = logits.index_add(-1, row_ids, F.linear(hidden, row_delta.to(hidden.dtype)).to(logits.dtype))
+        logits = add_row_logits(hidden, logits, row_ids, row_delta)
     return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
 
 
