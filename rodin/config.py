@@ -93,7 +93,7 @@ class TrainConfig:
     muon_weight_decay: float = 0.1
     # Muon's 2026 variants, each off until bench/recipe.py measures it helping on cpu-demo (docs/recipe.md)
     muon_orthogonalise: str = "newton_schulz"  # newton_schulz (torch's one quintic, muon_ns_steps times) | polar_express (five quintics)
-    muon_normuon: bool = False  # NorMuon: each row of the update scaled by its running RMS (one process only)
+    muon_normuon: bool = False  # NorMuon: each row of the update scaled by its running RMS (also under FSDP2)
     muon_cautious_weight_decay: bool = False  # decay a weight only where its update pulls it toward zero too
     # Muon's momentum from muon_momentum_start up to muon_momentum over the first steps (modded-nanogpt); 0: none
     muon_momentum_warmup_steps: int = 0

@@ -9,14 +9,15 @@ Frozen decisions:
   Newton–Schulz needs the whole matrix: matrix i is gathered on rank i % world, orthogonalised
   there by torch's own iteration, and each rank gets its rows back. Every rank does 1/world of
   the Newton–Schulz work, and each update is exactly what one process would compute from the
-  same momentum.
+  same momentum. NorMuon's second moment is sharded as the matrix's rows (a wide matrix's, one
+  value per column, is whole on every rank); what it sums across rows is all-reduced.
 """
 
 import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # torch's Muon, shared with its step
 
 # Moonlight ("Muon is Scalable for LLM Training"): an update RMS of 0.2, AdamW's typical one, so
@@ -54,16 +55,36 @@ def orthogonalise(update, group):
     return _zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
 
 
-def normuon(update, second_moment, beta2=0.95, eps=1e-10):
+def normuon(update, second_moment, shape=None, all_sum=None, beta2=0.95, eps=1e-10):
     """NorMuon (arXiv:2510.05491): each row (each column of a wide matrix) of the orthogonalised
     update divided by the running RMS of its entries, then the whole rescaled to its former norm,
-    so the learning rate rule still holds. second_moment: one value per row (column), updated."""
-    reduce = -1 if update.size(0) >= update.size(1) else -2
+    so the learning rate rule still holds. second_moment: one value per row (column), updated.
+    Under FSDP2, update is this rank's rows of a matrix of `shape` and all_sum sums a tensor over
+    the ranks in place: a row's RMS is on its rank, a column's and the norms are summed."""
+    rows, cols = shape or update.shape
     u = update.float()
-    mean_square = u.square().mean(dim=reduce, keepdim=True)
+    square = u.square()
+    if rows >= cols:
+        mean_square = square.mean(dim=-1, keepdim=True)
+    else:
+        mean_square = square.sum(dim=-2, keepdim=True)
+        mean_square = (all_sum(mean_square) if all_sum else mean_square) / rows
     second_moment.lerp_(mean_square, 1 - beta2)
     scaled = u * second_moment.clamp_min(eps).rsqrt()
-    return (scaled * (u.norm() / scaled.norm().clamp_min(eps))).to(update.dtype)
+    norms = torch.stack([square.sum(), scaled.square().sum()])
+    norms = (all_sum(norms) if all_sum else norms).sqrt()
+    return (scaled * (norms[0] / norms[1].clamp_min(eps))).to(update.dtype)
+
+
+def second_moment_for(p):
+    """NorMuon's state for matrix p: one value per row, or per column of a wide matrix. Under FSDP2 a
+    DTensor, so that checkpoints reshard it: the rows sharded as p's, the columns on every rank."""
+    rows, cols = p.shape
+    shape = (rows, 1) if rows >= cols else (1, cols)
+    if not isinstance(p, DTensor):
+        return torch.zeros(shape, device=p.device)
+    placement = Shard(0) if rows >= cols else Replicate()
+    return distribute_tensor(torch.zeros(shape, device=p.to_local().device), p.device_mesh, [placement])
 
 
 class Muon(torch.optim.Muon):
@@ -107,8 +128,7 @@ class Muon(torch.optim.Muon):
         update = orthogonalise(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf, group)
         if group["normuon"]:
             if "second_moment" not in state:
-                rows = p.size(0) >= p.size(1)
-                state["second_moment"] = torch.zeros((p.size(0), 1) if rows else (1, p.size(1)), device=p.device)
+                state["second_moment"] = second_moment_for(p)
             update = normuon(update, state["second_moment"])
         decay = group["lr"] * group["weight_decay"]
         if group["cautious_weight_decay"]:  # decay only where the update pulls the weight toward zero too
@@ -118,9 +138,6 @@ class Muon(torch.optim.Muon):
         p.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
 
     def _step_sharded(self, group, params):
-        if group.get("normuon"):
-            raise ValueError("--muon_normuon=true keeps a second moment per row of whole matrices, which FSDP2 "
-                             "splits; train on one process, or drop --muon_normuon")
         updates = []
         for p in params:
             state = self.state[p]
@@ -130,6 +147,8 @@ class Muon(torch.optim.Muon):
             buf.lerp_(grad, 1 - group["momentum"])
             updates.append(grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
         orthogonal = orthogonalise_sharded(updates, params, group)
+        if group.get("normuon"):
+            orthogonal = [self._normuon_sharded(p, update) for p, update in zip(params, orthogonal)]
         for p, update in zip(params, orthogonal):
             local = p.to_local()
             decay = group["lr"] * group["weight_decay"]
@@ -138,6 +157,20 @@ class Muon(torch.optim.Muon):
             else:
                 local.mul_(1 - decay)
             local.add_(update, alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+
+    def _normuon_sharded(self, p, update):
+        """NorMuon on this rank's rows: two small all-reduces a matrix (its columns' sums of squares
+        where it is wide, and its norms), a few scalars beside the gathers of Newton–Schulz."""
+        state = self.state[p]
+        if "second_moment" not in state:
+            state["second_moment"] = second_moment_for(p)
+        group = p.device_mesh.get_group()
+
+        def all_sum(t):
+            dist.all_reduce(t, group=group)
+            return t
+
+        return normuon(update, state["second_moment"].to_local(), p.shape, all_sum)
 
 
 def orthogonalise_sharded(updates, params, settings):

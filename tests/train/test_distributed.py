@@ -191,14 +191,16 @@ def test_muon_under_torchrun_interrupted_and_resumed_gives_the_losses_of_one_pro
     assert "resharded from 2 to 1 process(es)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon", "normuon"])
 def test_a_run_moves_from_one_process_to_two_ranks_and_back_with_the_losses_of_one_process(demo_data, tmp_path, optimizer):
     """1 process -> 2 gloo ranks (restored from the mirror on a fresh disk) -> 1 process, the global
-    batch kept at 4 sequences: the losses of an uninterrupted single-process run."""
+    batch kept at 4 sequences: the losses of an uninterrupted single-process run. NorMuon's second
+    moment is resharded with Muon's momentum: its rows split as the matrix's, a wide matrix's columns whole."""
     import shutil
 
     mirror = tmp_path / "mirror"
-    args = ["--max_steps=9", "--eval_every=3", "--ckpt_every=100", f"--optimizer={optimizer}", f"--mirror={mirror}"]
+    optimizer_args = ["--optimizer=muon", "--muon_normuon=true"] if optimizer == "normuon" else [f"--optimizer={optimizer}"]
+    args = ["--max_steps=9", "--eval_every=3", "--ckpt_every=100", *optimizer_args, f"--mirror={mirror}"]
     assert train.main(common(demo_data, tmp_path, "moving") + args + ["--stop_at_step=3"]) == 0
     shutil.rmtree(tmp_path / "moving")  # the machine is gone; its checkpoint is in the mirror
     done = subprocess.run(torchrun(*common(demo_data, tmp_path, "moving"), *args, "--micro_batch_size=2", "--stop_at_step=6"),

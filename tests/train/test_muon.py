@@ -87,14 +87,6 @@ def test_cautious_weight_decay_spares_the_weights_that_the_update_pushes_away_fr
     assert (cautious[:, 1] < plain[:, 1]).all()  # more negative: no decay toward zero
 
 
-def test_normuon_under_fsdp_is_refused_in_one_line():
-    from rodin.train.muon import Muon
-
-    optimizer = Muon([torch.nn.Parameter(torch.ones(4, 4))], lr=0.1, normuon=True)
-    with pytest.raises(ValueError, match=r"--muon_normuon=true .* FSDP2 splits; train on one process, or drop --muon_normuon"):
-        optimizer._step_sharded(optimizer.param_groups[0], [])
-
-
 @pytest.mark.parametrize("tied", [True, False])
 def test_muon_steps_the_block_matrices_as_torch_muon_and_the_rest_as_adamw(tied):
     ours, theirs = tiny_model(tied), tiny_model(tied)
@@ -186,9 +178,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def sharded_steps(rank, port, out_dir, n_steps):
-    """One rank: whole matrices orthogonalised from their shards; then the test model sharded by
-    rodin.train.distributed and trained with Muon on this rank's half of each batch."""
+def sharded_steps(rank, port, out_dir, n_steps, variant):
+    """One rank: whole matrices orthogonalised (and NorMuon-normalised) from their shards; then the
+    test model sharded by rodin.train.distributed and trained with Muon on this rank's half of each batch."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import rodin.train.muon
@@ -204,7 +196,7 @@ def sharded_steps(rank, port, out_dir, n_steps):
         return newton_schulz(update, *args)
 
     rodin.train.muon._zeropower_via_newtonschulz = counting
-    cfg = parse_args(["--preset=test", "--optimizer=muon", "--model.ffn_dim=150"])  # 150 rows: uneven shards
+    cfg = parse_args(["--preset=test", "--optimizer=muon", "--model.ffn_dim=150", *variant])  # 150 rows: uneven shards
     device = distributed.setup("cpu")
     model = distributed.build_model(cfg, device)
     mesh = model.tok_embeddings.weight.device_mesh
@@ -213,6 +205,10 @@ def sharded_steps(rank, port, out_dir, n_steps):
     sharded = [distribute_tensor(m, mesh, [Shard(0)]) for m in whole]
     plain = {"orthogonalise": "newton_schulz", "ns_coefficients": (3.4445, -4.7750, 2.0315), "ns_steps": 5, "eps": 1e-7}
     mine = rodin.train.muon.orthogonalise_sharded([m.to_local() for m in sharded], sharded, plain)
+    normalised = []
+    for _ in range(2):  # twice: the second step reads the second moment the first one wrote
+        muon = rodin.train.muon.Muon([torch.nn.Parameter(m) for m in sharded], lr=0.1, normuon=True)
+        normalised = [muon._normuon_sharded(p, m.to_local()) for p, m in zip(muon.param_groups[0]["params"], sharded)]
     orthogonalised.clear()
     optimizer = optimizer_for(model, cfg)
     losses = []
@@ -225,23 +221,31 @@ def sharded_steps(rank, port, out_dir, n_steps):
         losses.append(distributed.mean_over_ranks(loss.item(), device))
     momenta = {n: optimizer.parts[1].state[p]["momentum_buffer"].to_local()
                for n, p in model.named_parameters() if p in optimizer.parts[1].state}
-    torch.save({"whole": whole, "mine": mine, "losses": losses, "momenta": momenta, "orthogonalised": orthogonalised},
+    torch.save({"whole": whole, "mine": mine, "normalised": normalised, "losses": losses, "momenta": momenta, "orthogonalised": orthogonalised},
                os.path.join(out_dir, f"rank{rank}.pt"))
     distributed.teardown()
 
 
-def test_muon_on_two_fsdp_ranks_steps_as_one_process_and_splits_the_newton_schulz_work(tmp_path):
+@pytest.mark.parametrize("variant", [[], ["--muon_normuon=true"]], ids=["muon", "normuon"])
+def test_muon_on_two_fsdp_ranks_steps_as_one_process_and_splits_the_newton_schulz_work(tmp_path, variant):
     from torch.optim._muon import _zeropower_via_newtonschulz
 
+    from rodin.train.muon import normuon
+
     n_steps = 4
-    mp.spawn(sharded_steps, args=(free_port(), str(tmp_path), n_steps), nprocs=2)
+    mp.spawn(sharded_steps, args=(free_port(), str(tmp_path), n_steps, variant), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     # a matrix's shards orthogonalised together are exactly the whole matrix orthogonalised
     for i, whole in enumerate(ranks[0]["whole"]):
         expected = _zeropower_via_newtonschulz(whole, (3.4445, -4.7750, 2.0315), 5, 1e-7).float()
         assert torch.equal(torch.cat([ranks[0]["mine"][i], ranks[1]["mine"][i]]), expected)
+        # NorMuon on the shards, a row's RMS on its rank and a wide matrix's columns summed over the
+        # ranks, is NorMuon on the whole matrix (float tolerance: the sums are taken in two halves)
+        second_moment = torch.zeros((len(whole), 1) if len(whole) >= whole.size(1) else (1, whole.size(1)))
+        expected = [normuon(whole, second_moment) for _ in range(2)][-1]
+        torch.testing.assert_close(torch.cat([ranks[0]["normalised"][i], ranks[1]["normalised"][i]]), expected)
 
-    cfg = parse_args(["--preset=test", "--optimizer=muon", "--model.ffn_dim=150"])
+    cfg = parse_args(["--preset=test", "--optimizer=muon", "--model.ffn_dim=150", *variant])
     torch.manual_seed(cfg.seed)
     model = LLaMA(cfg.model)
     optimizer = optimizer_for(model, cfg)
