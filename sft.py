@@ -62,11 +62,14 @@ def main(argv):
     cfg = parse_args(argv, presets=SFT_PRESETS)
     refuse_pretraining_only_options(cfg)
     device = distributed.setup(cfg.device)
+    finished = False
     try:
         with Lifeline(cfg, os.path.join(cfg.out_dir, cfg.name)) as lifeline:
-            return finetune(cfg, device, lifeline)
+            code = finetune(cfg, device, lifeline)
+        finished = True
+        return code
     finally:
-        distributed.teardown()
+        distributed.teardown(finished)
 
 
 def finetune(cfg, device, lifeline):

@@ -15,6 +15,7 @@ Frozen decisions:
 """
 
 import datetime
+import gc
 import os
 
 import torch
@@ -59,8 +60,15 @@ def setup(device_name="auto"):
     return torch.device("cpu" if device_name == "auto" else device_name)
 
 
-def teardown():
+def teardown(finished=True):
+    """Leave the process group. After a run every rank finished, the ranks first meet at a barrier,
+    so none destroys its group while a peer still talks to it (once in CI a rank aborted at exit,
+    "terminate called without an active exception", after its peer had left first); after an error
+    none waits, the others may be gone. The model's DTensors hold the group: collected first."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 
