@@ -1,7 +1,7 @@
 """LoRA against full fine-tuning: the demo model fine-tuned into a chat model from its own HF export.
 
     python bench/lora_sft.py --base=runs/demo                 # make pretrain's model; 300 SFT steps each
-    python bench/lora_sft.py                                  # pretrains a cpu-demo base first (680 steps, ~5 min on 2 cores)
+    python bench/lora_sft.py                                  # pretrains a cpu-demo base first (800 steps, ~8 min on 2 cores)
     python bench/lora_sft.py --base=runs/demo --lora_lrs=1e-3,3e-3,1e-2 --full_adamw_lr=3e-3 --steps=600
 
 Frozen decisions:
@@ -42,7 +42,7 @@ import train  # noqa: E402
 from bench.data_loader import make_data  # noqa: E402
 from bench.results import report  # noqa: E402
 from bench.sft_replies import score  # noqa: E402
-from rodin.config import MODELS, SFT_PRESETS  # noqa: E402
+from rodin.config import MODELS, PRESETS, SFT_PRESETS  # noqa: E402
 from rodin.model import LLaMA, ModelConfig  # noqa: E402
 from rodin.train import lora  # noqa: E402
 from rodin.train.memory import estimate, with_micro_batch  # noqa: E402
@@ -124,7 +124,8 @@ def gpu_estimate(cfg):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=None, help="a pretraining run to fine-tune (default: pretrain a cpu-demo base)")
-    parser.add_argument("--base_steps", type=int, default=680, help="steps of the base pretrained without --base (cpu-demo's)")
+    parser.add_argument("--base_steps", type=int, default=PRESETS["cpu-demo"].max_steps,
+                        help="steps of the base pretrained without --base (cpu-demo's)")
     parser.add_argument("--preset", default="cpu-demo", help="the SFT preset of every fine-tune")
     parser.add_argument("--steps", type=int, default=None, help="every fine-tune's max_steps (default: the preset's)")
     parser.add_argument("--lora_lrs", default="3e-3,1e-2", help="LoRA's AdamW learning rates, each a run")

@@ -35,24 +35,28 @@ from rodin.train.device import pick_device, resolve_dtype  # noqa: E402
 
 # the recipes compared, each with what it changes in the preset. AdamW keeps its best learning
 # rate (cpu-demo, 500 steps in bf16: held-out bpb 1.769 at 1.5e-3, 1.748 at 3e-3, 1.983 at 6e-3);
-# Muon takes the preset's lr and momentum (6e-3 and 0.9, rodin/config.py's cpu-demo comment).
+# Muon takes the preset's lr (6e-3, rodin/config.py's cpu-demo comment).
+MUON_PLAIN = ["--optimizer=muon", "--dtype=auto", "--muon_normuon=false", "--muon_momentum=0.9",
+              "--muon_momentum_warmup_steps=0"]  # torch.optim.Muon's Newton-Schulz: cpu-demo before NorMuon
 RECIPES = {
     "adamw-fp32": ["--optimizer=adamw", "--dtype=fp32", "--lr=3e-3", "--min_lr=3e-4"],  # the default before Muon
     "adamw-auto": ["--optimizer=adamw", "--dtype=auto", "--lr=3e-3", "--min_lr=3e-4"],  # bf16 where the CPU has it
-    "muon-auto": ["--optimizer=muon", "--dtype=auto"],
-    # Muon's 2026 variants (issue 22), each alone on top of muon-auto; kept only where they measure better
-    "muon-polar": ["--optimizer=muon", "--dtype=auto", "--muon_orthogonalise=polar_express"],
-    "muon-normuon": ["--optimizer=muon", "--dtype=auto", "--muon_normuon=true"],
-    "muon-cautious": ["--optimizer=muon", "--dtype=auto", "--muon_cautious_weight_decay=true"],
-    "muon-wsd": ["--optimizer=muon", "--dtype=auto", "--schedule=wsd", "--decay_steps=100"],  # the last fifth decays
+    "muon-auto": ["--optimizer=muon", "--dtype=auto"],  # the preset's Muon as it is (cpu-demo: NorMuon, momentum warm-up)
+    "muon-plain": MUON_PLAIN,
+    # Muon's 2026 variants (issue 22), each alone on top of plain Muon; kept only where they measure better
+    "muon-polar": MUON_PLAIN + ["--muon_orthogonalise=polar_express"],
+    "muon-normuon": MUON_PLAIN + ["--muon_normuon=true"],
+    "muon-cautious": MUON_PLAIN + ["--muon_cautious_weight_decay=true"],
+    "muon-wsd": MUON_PLAIN + ["--schedule=wsd", "--decay_steps=100"],  # the last fifth decays
     # the tied embedding at AdamW's own best lr (3e-3, half of Muon's), and modded-nanogpt's momentum warm-up
-    "muon-embed-lr": ["--optimizer=muon", "--dtype=auto", "--embedding_lr_scale=0.5"],
-    "muon-momentum-warmup": ["--optimizer=muon", "--dtype=auto", "--muon_momentum=0.95", "--muon_momentum_start=0.85",
-                             "--muon_momentum_warmup_steps=300"],
-    # the two best alone (steps: NorMuon; final bpb: the momentum warm-up), together, and NorMuon with Polar Express
-    "muon-normuon-momentum-warmup": ["--optimizer=muon", "--dtype=auto", "--muon_normuon=true", "--muon_momentum=0.95",
-                                     "--muon_momentum_start=0.85", "--muon_momentum_warmup_steps=300"],
-    "muon-normuon-polar": ["--optimizer=muon", "--dtype=auto", "--muon_normuon=true", "--muon_orthogonalise=polar_express"],
+    "muon-embed-lr": MUON_PLAIN + ["--embedding_lr_scale=0.5"],
+    "muon-momentum-warmup": MUON_PLAIN + ["--muon_momentum=0.95", "--muon_momentum_start=0.85",
+                                          "--muon_momentum_warmup_steps=300"],
+    # the two best alone (steps: NorMuon; final bpb: the momentum warm-up), together (cpu-demo's since
+    # 2026-12-06), and NorMuon with Polar Express
+    "muon-normuon-momentum-warmup": MUON_PLAIN + ["--muon_normuon=true", "--muon_momentum=0.95",
+                                                  "--muon_momentum_start=0.85", "--muon_momentum_warmup_steps=300"],
+    "muon-normuon-polar": MUON_PLAIN + ["--muon_normuon=true", "--muon_orthogonalise=polar_express"],
 }
 
 

@@ -253,14 +253,16 @@ def check_optimizer(cfg):
 
 PRESETS = {
     # make pretrain on a CPU. Muon with bf16 autocast (native on AVX512-BF16/AMX CPUs) and compiled
-    # blocks, measured on 2 cores (bench/RESULTS.md, `recipe` rows, bench/recipe.py): against AdamW
+    # blocks, measured on 2 cores (bench/RESULTS.md, `recipe` and `make_pretrain*` rows): against AdamW
     # in fp32 at its best lr (3e-3), Muon at lr 6e-3 reached AdamW's final held-out bpb of 500 steps
-    # in 0.61x the steps with momentum 0.95, 0.54x with 0.9 (lr 8e-3: 0.62x). After 680 steps, what
-    # make pretrain runs in the time 500 fp32 AdamW steps took (307 s here; val_bpb 1.753): 1.596 with
-    # momentum 0.95, 1.577 with 0.9 (at 0.95: lr 5e-3 1.601, 7e-3 1.602; no weight decay or a batch of
-    # 32 worse).
-    "cpu-demo": TrainConfig(model=MODELS["demo"], seq_len=256, micro_batch_size=16, max_steps=680, optimizer="muon",
-                            muon_momentum=0.9, lr=6e-3, min_lr=6e-4, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=100,
+    # in 0.61x the steps with momentum 0.95, 0.54x with 0.9. Then NorMuon (each row's update scaled by
+    # its running RMS) with the momentum warmed up 0.85 -> 0.95 over 300 steps: 800 steps to 1.535
+    # held-out bpb in 494 s on a 2-core AMD EPYC (680 plain Muon steps at 0.9: 1.575 in 453 s; the
+    # limit, 546 s, is what make pretrain took before). The lr is flat around 6e-3 (1 thread, 800
+    # steps: 3e-3 1.538, 4e-3 1.536, 6e-3 1.539, 9e-3 1.540); min_lr 0 worse (1.549), micro-batch 8 worse.
+    "cpu-demo": TrainConfig(model=MODELS["demo"], seq_len=256, micro_batch_size=16, max_steps=800, optimizer="muon",
+                            muon_momentum=0.95, muon_normuon=True, muon_momentum_start=0.85, muon_momentum_warmup_steps=300,
+                            lr=6e-3, min_lr=6e-4, warmup_steps=20, eval_every=100, eval_batches=8, ckpt_every=100,
                             device="cpu"),
     # make pretrain on a GPU: the same data, a model that uses the card; Muon as on the CPU demo
     # (its lr is AdamW's, carried over by the RMS-matching rule; not yet measured on a GPU)
@@ -345,11 +347,12 @@ class SFTConfig(TrainConfig):
 
 
 SFT_PRESETS = {
-    # make sft on a CPU: fine-tunes runs/demo (cpu-demo) in about 2.5 minutes on 2 cores. Muon at the
-    # pretraining's lr, measured with bench/sft_replies.py on 100 held-out questions (the reply names
-    # the word asked about): AdamW lr 1e-3 (the preset before) 2 % after 300 steps, 60 % after 600;
-    # Muon lr 3e-3 36 %, lr 6e-3 75 % after 300 steps (held-out loss 2.27 against AdamW's 2.61; 73 % on
-    # the momentum-0.9 cpu-demo); Muon lr 3e-3 for 600 steps 82 %: twice the time for a few points more.
+    # make sft on a CPU: fine-tunes runs/demo (cpu-demo) in about 4 minutes on 2 AMD EPYC cores (2.5 on
+    # an Intel Xeon). Muon at the pretraining's lr, measured with bench/sft_replies.py on 100 held-out
+    # questions (the reply names the word asked about): AdamW lr 1e-3 (the preset before) 2 % after
+    # 300 steps, 60 % after 600; Muon lr 3e-3 36 %, lr 6e-3 75 % after 300 steps (held-out loss 2.27
+    # against AdamW's 2.61; 73 % on the 680-step momentum-0.9 cpu-demo, 84 % and 2.18 on the 800-step
+    # NorMuon one); Muon lr 3e-3 for 600 steps 82 %: twice the time for a few points more.
     "cpu-demo": SFTConfig(model=PRESETS["cpu-demo"].model, name="demo-sft", seq_len=256, micro_batch_size=16, max_steps=300,
                           optimizer="muon", lr=6e-3, min_lr=6e-4, warmup_steps=20, weight_decay=0.0, eval_every=50,
                           eval_batches=8, ckpt_every=100, device="cpu"),
