@@ -61,15 +61,9 @@ def main(argv):
         raise ValueError("sft.py takes the model shape from --init_from; --model options do not apply")
     cfg = parse_args(argv, presets=SFT_PRESETS)
     refuse_pretraining_only_options(cfg)
-    device = distributed.setup(cfg.device)
-    finished = False
-    try:
-        with Lifeline(cfg, os.path.join(cfg.out_dir, cfg.name)) as lifeline:
-            code = finetune(cfg, device, lifeline)
-        finished = True
-        return code
-    finally:
-        distributed.teardown(finished)
+    with (distributed.process_group(cfg.device) as device,
+          Lifeline(cfg, os.path.join(cfg.out_dir, cfg.name)) as lifeline):
+        return finetune(cfg, device, lifeline)
 
 
 def finetune(cfg, device, lifeline):

@@ -82,15 +82,9 @@ def takes_optimizer_state(cfg, from_hf):
 
 def main(argv):
     cfg = parse_args(argv)
-    device = distributed.setup(cfg.device)
-    finished = False
-    try:
-        with Lifeline(cfg, os.path.join(cfg.out_dir, cfg.name)) as lifeline:
-            code = train(cfg, device, lifeline)
-        finished = True
-        return code
-    finally:
-        distributed.teardown(finished)
+    with (distributed.process_group(cfg.device) as device,
+          Lifeline(cfg, os.path.join(cfg.out_dir, cfg.name)) as lifeline):
+        return train(cfg, device, lifeline)
 
 
 def train(cfg, device, lifeline):

@@ -14,6 +14,7 @@ Frozen decisions:
 - Every collective decision (stop now?) is an all-reduce: ranks never act on a local view alone.
 """
 
+import contextlib
 import datetime
 import gc
 import os
@@ -70,6 +71,19 @@ def teardown(finished=True):
             dist.barrier()
         gc.collect()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device_name="auto"):
+    """setup() on entry, teardown() on leaving: with the barrier when the body finished, without
+    it when it raised (a rank that failed must not wait for peers that may be gone)."""
+    device = setup(device_name)
+    try:
+        yield device
+    except BaseException:
+        teardown(finished=False)
+        raise
+    teardown()
 
 
 def barrier():
