@@ -1,7 +1,7 @@
 """LoRA against full fine-tuning: the demo model fine-tuned into a chat model from its own HF export.
 
     python bench/lora_sft.py --base=runs/demo                 # make pretrain's model; 300 SFT steps each
-    python bench/lora_sft.py                                  # pretrains a cpu-demo base first (800 steps, ~8 min on 2 cores)
+    python bench/lora_sft.py                                  # pretrains a cpu-demo base first (1130 steps, ~8 min on 2 cores)
     python bench/lora_sft.py --base=runs/demo --lora_lrs=1e-3,3e-3,1e-2 --full_adamw_lr=3e-3 --steps=600
 
 Frozen decisions:
