@@ -351,7 +351,7 @@ class SFTConfig(TrainConfig):
 
 
 SFT_PRESETS = {
-    # make sft on a CPU: fine-tunes runs/demo (cpu-demo) in about 3 minutes on 2 AMD EPYC cores (166 s; 2.5 min on
+    # make sft on a CPU: fine-tunes runs/demo (cpu-demo) in about 3 minutes on 2 AMD EPYC cores (166 s; the dim-256 model 2.5 min on
     # an Intel Xeon). Muon at the pretraining's lr, measured with bench/sft_replies.py on 100 held-out
     # questions (the reply names the word asked about): AdamW lr 1e-3 (the preset before) 2 % after
     # 300 steps, 60 % after 600; Muon lr 3e-3 36 %, lr 6e-3 75 % after 300 steps (held-out loss 2.27
